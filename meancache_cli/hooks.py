@@ -173,6 +173,14 @@ class MeanCacheHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._cached_forward(*args, **kwargs)
+        except BaseException:
+            # An aborted generation must not leak its history into the next one.
+            self.reset_state(module)
+            raise
+
+    def _cached_forward(self, *args: Any, **kwargs: Any) -> Any:
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self._start_generation()

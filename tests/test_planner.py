@@ -35,7 +35,7 @@ def brute_force(costs: np.ndarray, budget: int, gamma: float, max_skip: int | No
 
 def min_max(costs: np.ndarray, budget: int) -> float:
     """Smallest possible largest edge over paths with `budget` edges (LeMiCa's objective)."""
-    kmax, n = costs.shape[0] - 1, costs.shape[1] - 1
+    n = costs.shape[1] - 1
     edge = np.nanmin(np.where(np.isnan(costs), np.inf, costs), axis=0)
     return min(
         max(edge[a, b] for a, b in zip((0, *inner), (*inner, n)))
