@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -69,9 +70,12 @@ def resolve_model(model: str) -> ModelSpec:
 
 
 def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """Instantiate the pipeline from local files only, quietly (no progress bars of its own)."""
+    """Instantiate the pipeline, quietly: stderr belongs to our own progress bars."""
     import diffusers
+    import transformers
 
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     if spec.name == "demo":
         from .demo import load_demo_pipeline
 
@@ -81,6 +85,9 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = tor
         pipeline_class = getattr(diffusers, spec.pipeline_class, None)
         if pipeline_class is None:
             raise MeanCacheError(f"{spec.pipeline_class} is not a diffusers pipeline: upgrade diffusers")
-        pipe = pipeline_class.from_pretrained(source, torch_dtype=dtype)
+        with warnings.catch_warnings():
+            # Newer diffusers prefer `dtype=`; `torch_dtype=` is what every supported release knows.
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = pipeline_class.from_pretrained(source, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -1,0 +1,326 @@
+"""The `meancache` command: parse, call the library, print. Results go to stdout, progress to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import MeanCacheError, UsageError
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Training-free average-velocity caching for diffusers flow-matching pipelines.",
+)
+stderr = Console(stderr=True)
+DEBUG = {"on": False}
+
+ModelOption = Annotated[str, typer.Option("--model", help="Registered model name or local pipeline directory.")]
+HeightOption = Annotated[int | None, typer.Option(help="Image height (model default if omitted).")]
+WidthOption = Annotated[int | None, typer.Option(help="Image width (model default if omitted).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+CfgOption = Annotated[float | None, typer.Option("--true-cfg-scale", help="True CFG scale (needs a negative prompt).")]
+NegativeOption = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt for true CFG.")]
+GuidanceOption = Annotated[float | None, typer.Option("--guidance-scale", help="Embedded guidance scale.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="Torch device.")]
+
+
+@app.callback()
+def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    DEBUG["on"] = debug
+
+
+@contextmanager
+def progress_bar(description: str, total: int):
+    """A rich progress bar on stderr; yields a function that advances it by one."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
+def emit(data: dict[str, Any], as_json: bool, text: str, to_stderr: bool = False) -> None:
+    """Print the result: JSON on stdout, or human text on stdout (stderr when stdout carries a file)."""
+    if as_json:
+        print(json.dumps(data))
+    elif to_stderr:
+        stderr.print(text, highlight=False)
+    else:
+        print(text)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"warning: {message}", style="yellow", highlight=False)
+
+
+def load_model(model: str, device: str) -> tuple[Any, Any]:
+    """Resolve and load a pipeline, reporting where it came from."""
+    from .models.registry import load_pipeline, resolve_model
+
+    spec = resolve_model(model)
+    with stderr.status(f"loading {spec.name}", spinner="dots"):
+        pipe = load_pipeline(spec, device=device)
+    return spec, pipe
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds '{text}' is invalid: give comma-separated integers such as 0,1,2") from None
+    if not seeds:
+        raise UsageError("--seeds is empty: give comma-separated integers such as 0,1,2")
+    return seeds
+
+
+def read_prompts(prompts: list[str], prompts_file: Path | None, defaults: list[str]) -> list[str]:
+    if prompts_file is not None:
+        try:
+            lines = [line.strip() for line in prompts_file.read_text().splitlines()]
+        except OSError as error:
+            raise UsageError(f"--prompts {prompts_file}: {error.strerror}; check the path") from None
+        from_file = [line for line in lines if line and not line.startswith("#")]
+        if not from_file:
+            raise UsageError(f"--prompts {prompts_file} holds no prompt: write one prompt per line")
+        prompts = [*prompts, *from_file]
+    return prompts or defaults
+
+
+def check_vocabulary(spec: Any, prompts: list[str]) -> None:
+    """The demo model knows only its own words: say which ones it will not understand."""
+    if spec.name != "demo":
+        return
+    from .models.demo import VOCABULARY, unknown_words
+
+    unknown = sorted({word for prompt in prompts for word in unknown_words(prompt)})
+    if unknown:
+        warn(f"the demo model does not know {', '.join(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}")
+
+
+def check_steps(steps: int) -> None:
+    if steps < 2:
+        raise UsageError(f"--steps {steps} is too small: use 2 or more")
+
+
+def guidance_kwargs(cfg: float | None, negative: str | None, guidance: float | None) -> dict[str, Any]:
+    if cfg is not None and cfg > 1 and not negative:
+        raise UsageError("--true-cfg-scale needs --negative-prompt: true CFG runs the negative prompt as a branch")
+    return {"true_cfg_scale": cfg, "negative_prompt": negative, "guidance_scale": guidance}
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", help="Calibration file to write (.safetensors).")],
+    model: ModelOption = "demo",
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A calibration prompt (repeatable).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="File with one prompt per line.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (model default if omitted).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps N (model default if omitted).")] = None,
+    height: HeightOption = None,
+    width: WidthOption = None,
+    kmax: Annotated[int, typer.Option(help="Largest JVP order K to measure.")] = 5,
+    true_cfg_scale: CfgOption = None,
+    negative_prompt: NegativeOption = None,
+    guidance_scale: GuidanceOption = None,
+    device: DeviceOption = "cpu",
+    as_json: JsonOption = False,
+) -> None:
+    """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
+    from .calibrate import calibrate as run_calibration
+    from .calibrate import reference_run_kwargs
+    from .files import save_calibration
+    from .models.registry import resolve_model
+    from .outputs import check_output_directory
+
+    if kmax < 0:
+        raise UsageError(f"--kmax {kmax} is invalid: use 0 or more")
+    check_output_directory(out)
+    spec = resolve_model(model)
+    steps = steps if steps is not None else spec.steps
+    check_steps(steps)
+    prompt_list = read_prompts(prompt or [], prompts, spec.calibration_prompts)
+    if not prompt_list:
+        raise UsageError("no calibration prompt: pass --prompt TEXT or --prompts FILE")
+    seed_list = parse_seeds(seeds) if seeds is not None else spec.calibration_seeds
+    check_vocabulary(spec, prompt_list)
+    kwargs = reference_run_kwargs(spec, steps, height, width, None,
+                                  guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
+    spec, pipe = load_model(model, device)
+    runs = len(prompt_list) * len(seed_list)
+    with progress_bar(f"calibrating {spec.name}: {runs} runs", runs * steps) as advance:
+        calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, kmax=kmax, on_step=advance)
+    save_calibration(calibration, out)
+    summary = {"output": str(out), "model": spec.name, "steps": steps, "kmax": kmax, "runs": runs,
+               "trajectories": calibration.trajectories}
+    emit(summary, as_json, f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), "
+         f"N={steps}, Kmax={kmax}")
+
+
+@app.command("plan")
+def plan(
+    calibration: Annotated[str, typer.Option("--calibration", help="Calibration file, or - for stdin.")],
+    budget: Annotated[int, typer.Option("--budget", help="Model evaluations per generation (B).")],
+    gamma: Annotated[float, typer.Option(help="Peak suppression γ ≥ 0 (0 = plain shortest path).")] = 0.5,
+    cost: Annotated[str, typer.Option(help="Edge cost: displacement or velocity.")] = "displacement",
+    max_skip: Annotated[int | None, typer.Option("--max-skip", help="Longest edge in steps.")] = None,
+    kmax: Annotated[int | None, typer.Option(help="Largest order K to use (≤ the calibration's).")] = None,
+    out: Annotated[str, typer.Option("--out", help="Schedule file to write, or - for stdout.")] = "-",
+    as_json: JsonOption = False,
+) -> None:
+    """Choose the compute steps: the cheapest path with exactly BUDGET model evaluations."""
+    from .core.stability import COST_KINDS
+    from .files import load_calibration, save_schedule
+    from .plan import plan_schedule
+
+    if cost not in COST_KINDS:
+        raise UsageError(f"--cost {cost} is unknown: use one of {', '.join(COST_KINDS)}")
+    if as_json and out == "-":
+        raise UsageError("--json and --out - both write to stdout: give --out FILE with --json")
+    if out != "-":
+        from .outputs import check_output_directory
+
+        check_output_directory(out)
+    schedule = plan_schedule(load_calibration(calibration), budget, gamma, cost, max_skip, kmax, calibration)
+    save_schedule(schedule, out)
+    steps = schedule.num_inference_steps
+    summary = {"output": out, "budget": schedule.budget, "num_inference_steps": steps,
+               "compute_steps": schedule.compute_steps, "orders": schedule.orders,
+               "predicted_cost": schedule.predicted_cost, "speedup_ideal": steps / schedule.budget}
+    text = (f"compute steps: {' '.join(map(str, schedule.compute_steps))}\n"
+            f"orders K:      {' '.join(map(str, schedule.orders))}\n"
+            f"predicted cost: {schedule.predicted_cost:.4g} ({schedule.budget} of {steps} steps, "
+            f"ideal speed-up {steps / schedule.budget:.1f}x)")
+    emit(summary, as_json, text, to_stderr=out == "-")
+
+
+app.command("schedule", help="Alias of plan.")(plan)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", help="The prompt.")],
+    out: Annotated[Path, typer.Option("--out", help="Image file to write (.png, .jpg, .webp).")],
+    model: ModelOption = "demo",
+    schedule: Annotated[str | None, typer.Option("--schedule", help="Schedule file, or - for stdin.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Run the uncached pipeline.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps N (the schedule's if omitted).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    height: HeightOption = None,
+    width: WidthOption = None,
+    true_cfg_scale: CfgOption = None,
+    negative_prompt: NegativeOption = None,
+    guidance_scale: GuidanceOption = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Also run uncached: report speed-up and PSNR.")] = False,
+    repeat: Annotated[int, typer.Option(help="Timed runs per variant with --compare (median).")] = 3,
+    device: DeviceOption = "cpu",
+    as_json: JsonOption = False,
+) -> None:
+    """Generate an image, running the model only at the schedule's compute steps."""
+    from .calibrate import reference_run_kwargs
+    from .files import load_schedule
+    from .generate import check_schedule
+    from .generate import generate as run_generation
+    from .models.registry import resolve_model
+    from .outputs import check_output_path, save_image
+
+    if schedule is not None and no_cache:
+        raise UsageError("--schedule and --no-cache exclude each other: pass one")
+    if schedule is None and not no_cache:
+        raise UsageError("no schedule: pass --schedule FILE (from 'meancache plan') or --no-cache")
+    if repeat < 1:
+        raise UsageError(f"--repeat {repeat} is invalid: use 1 or more")
+    check_output_path(out)
+    spec = resolve_model(model)
+    plan = load_schedule(schedule) if schedule is not None else None
+    steps = steps if steps is not None else (plan.num_inference_steps if plan else spec.steps)
+    check_steps(steps)
+    kwargs = reference_run_kwargs(spec, steps, height, width, None,
+                                  guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
+    if plan is not None:
+        for message in check_schedule(plan, spec.name, steps, kwargs.get("height"), kwargs.get("width")):
+            warn(message)
+    check_vocabulary(spec, [prompt])
+    spec, pipe = load_model(model, device)
+    with progress_bar("generating", steps) as advance:
+        result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance)
+    provenance = {"model": spec.name, "prompt": prompt, "seed": seed, "steps": steps, "nfe": result.nfe,
+                  "schedule_sha256": plan.sha256() if plan else None}
+    save_image(result.images[0], out, provenance)
+    summary = {"output": str(out), "nfe": result.nfe, "steps": steps, "seconds": result.seconds,
+               "model": spec.name, "seed": seed, "cached": plan is not None}
+    text = f"wrote {out}: {result.nfe} model evaluations for {steps} steps in {result.seconds:.2f} s"
+    if compare and plan is not None:
+        summary.update(compare_with_uncached(pipe, prompt, seed, kwargs, plan, result.images[0], repeat))
+        text += (f"\nuncached: {summary['reference_nfe']} evaluations; speed-up {summary['speedup']:.2f}x "
+                 f"(median of {repeat}); PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} vs uncached")
+    emit(summary, as_json, text)
+
+
+def compare_with_uncached(pipe: Any, prompt: str, seed: int, kwargs: dict[str, Any], plan: Any, image: Any,
+                          repeat: int) -> dict[str, Any]:
+    """Time cached and uncached runs in this process (medians after a warm-up) and compare images."""
+    from .bench.metrics import psnr, ssim
+    from .generate import generate as run_generation
+
+    reference = run_generation(pipe, prompt, seed, kwargs, None)
+    cached_times, uncached_times = [], []
+    with progress_bar("timing cached vs uncached", 2 * repeat) as advance:
+        for _ in range(repeat):
+            cached_times.append(run_generation(pipe, prompt, seed, kwargs, plan).seconds)
+            advance()
+            uncached_times.append(run_generation(pipe, prompt, seed, kwargs, None).seconds)
+            advance()
+    cached, uncached = statistics.median(cached_times), statistics.median(uncached_times)
+    return {"reference_nfe": reference.nfe, "reference_seconds": uncached, "cached_seconds": cached,
+            "speedup": uncached / cached, "psnr": psnr(image, reference.images[0]),
+            "ssim": ssim(image, reference.images[0])}
+
+
+@app.command()
+def models(as_json: JsonOption = False) -> None:
+    """List the registered models."""
+    from .models.registry import registered_models
+
+    specs = registered_models()
+    rows = [{"name": s.name, "repo_id": s.repo_id, "pipeline": s.pipeline_class, "description": s.description}
+            for s in specs]
+    text = "\n".join(f"{r['name']:<14} {r['repo_id'] or '(embedded)':<40} {r['pipeline']}" for r in rows)
+    emit({"models": rows}, as_json, text)
+
+
+def fail(message: str, code: int) -> None:
+    """One line on stderr, never wrapped, then exit with `code`."""
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Entry point: one-line errors with documented exit codes (2 usage, 1 runtime, 130 interrupted)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        fail("interrupted", 130)
+    except MeanCacheError as error:
+        if DEBUG["on"]:
+            raise
+        fail(f"error: {error}", error.exit_code)
+    except Exception as error:
+        if hasattr(error, "format_message") and hasattr(error, "exit_code"):
+            # typer's (vendored) click usage errors: bad option values, missing options.
+            fail(f"error: {error.format_message()} (see --help)", error.exit_code)
+        if DEBUG["on"]:
+            raise
+        message = str(error).splitlines()[0] if str(error) else ""
+        fail(f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", 1)
