@@ -1,0 +1,101 @@
+"""calibrate → plan → generate through the command line, on a tiny FluxPipeline saved to disk."""
+
+import json
+
+import numpy as np
+import pytest
+from cli_helpers import run_cli, run_process
+from PIL import Image
+from tiny import tiny_flux_pipeline
+
+from meancache_cli import load_calibration, load_schedule
+from meancache_cli.outputs import read_provenance
+
+SIZE = ["--height", "32", "--width", "32"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-flux")
+    tiny_flux_pipeline().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def calibration(model_dir, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("cal") / "cal.safetensors"
+    result = run_process(["calibrate", "--model", model_dir, "--prompt", "a red circle", "--prompt",
+                          "a blue star", "--seeds", "0,1", "--steps", "10", *SIZE, "--kmax", "2", "--out", str(out),
+                          "--json"])
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout)
+    assert summary["runs"] == 4 and summary["trajectories"] == 4 and summary["steps"] == 10
+    return str(out)
+
+
+def test_calibration_file_holds_the_run(calibration, model_dir) -> None:
+    loaded = load_calibration(calibration)
+    assert loaded.errors.shape == (3, 11, 11)
+    assert loaded.prompts == ["a red circle", "a blue star"] and loaded.seeds == [0, 1]
+    assert loaded.model == model_dir and loaded.pipeline_class == "FluxPipeline"
+    assert (loaded.height, loaded.width) == (32, 32)
+    assert np.isnan(loaded.errors[2, 1, 5]) and loaded.errors[1, 1, 5] > 0
+    assert loaded.sigmas[0] == 1.0 and loaded.sigmas[-1] == 0.0
+
+
+def test_plan_to_stdout_feeds_generate_through_a_pipe(calibration, model_dir, tmp_path) -> None:
+    planned = run_process(["plan", "--calibration", calibration, "--budget", "4"])
+    assert planned.returncode == 0, planned.stderr.decode()
+    assert b"compute steps:" in planned.stderr and planned.stdout.startswith(b"format_version: 1")
+    out = tmp_path / "cached.png"
+    generated = run_process(["generate", "--model", model_dir, "--schedule", "-", "--prompt", "a red circle",
+                             *SIZE, "--out", str(out), "--json"], stdin=planned.stdout)
+    assert generated.returncode == 0, generated.stderr.decode()
+    summary = json.loads(generated.stdout)
+    assert summary["nfe"] == 4 and summary["steps"] == 10 and summary["output"] == str(out)
+    assert summary["seconds"] > 0
+    assert Image.open(out).size == (32, 32)
+    provenance = read_provenance(out)
+    assert provenance["nfe"] == 4 and provenance["seed"] == 0 and len(provenance["schedule_sha256"]) == 64
+
+
+def test_plan_writes_a_schedule_with_exactly_the_budget(calibration, capsys, tmp_path) -> None:
+    out = tmp_path / "s.yaml"
+    result = run_cli(["plan", "--calibration", calibration, "--budget", "3", "--gamma", "1", "--out", str(out),
+                      "--json"], capsys)
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    schedule = load_schedule(out)
+    assert schedule.budget == 3 and summary["compute_steps"] == schedule.compute_steps
+    assert schedule.gamma == 1.0 and schedule.calibration["path"] == calibration
+    assert result.stderr == ""
+    alias = run_cli(["schedule", "--calibration", calibration, "--budget", "3", "--gamma", "1", "--out",
+                     str(tmp_path / "t.yaml")], capsys)
+    assert alias.code == 0 and "compute steps: " + " ".join(map(str, schedule.compute_steps)) in alias.stdout
+    assert load_schedule(tmp_path / "t.yaml") == schedule
+
+
+def test_uncached_generation_counts_every_step(model_dir, capsys, tmp_path) -> None:
+    out = tmp_path / "plain.png"
+    result = run_cli(["generate", "--model", model_dir, "--no-cache", "--steps", "6", "--prompt", "a red circle",
+                      *SIZE, "--out", str(out), "--json"], capsys)
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["nfe"] == 6
+    assert read_provenance(out)["schedule_sha256"] is None
+
+
+def test_schedule_for_other_steps_is_refused_and_nothing_written(calibration, model_dir, capsys, tmp_path) -> None:
+    schedule = tmp_path / "s.yaml"
+    assert run_cli(["plan", "--calibration", calibration, "--budget", "4", "--out", str(schedule)], capsys).code == 0
+    out = tmp_path / "x.png"
+    result = run_cli(["generate", "--model", model_dir, "--schedule", str(schedule), "--steps", "20",
+                      "--prompt", "a red circle", *SIZE, "--out", str(out)], capsys)
+    assert result.code == 1
+    assert result.stderr.strip() == (
+        "error: the schedule was planned for 10 steps but this run uses --steps 20: use --steps 10 or plan for "
+        "20 steps")
+    assert not out.exists()
+    other = run_cli(["generate", "--model", "demo", "--schedule", str(schedule), "--prompt", "a red circle",
+                     "--out", str(out)], capsys)
+    assert other.code == 1 and f"planned for model '{model_dir}' but this run uses 'demo'" in other.stderr
+    assert not out.exists()
