@@ -85,6 +85,8 @@ def _require(data: dict, name: str, kind: type | tuple[type, ...], source: str) 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:
+        kinds = tuple(k for k in kinds if k is not int)
     return " or ".join({int: "an integer", float: "a number", str: "a string", list: "a list",
                         dict: "a mapping", bool: "true or false", type(None): "null"}.get(k, k.__name__)
                        for k in kinds)
