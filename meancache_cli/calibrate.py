@@ -1,15 +1,24 @@
-"""Calibration: uncached reference runs recorded by the hook and folded into stability maps (§3)."""
+"""Calibration: uncached reference runs recorded by the hook and folded into stability maps (§3).
+
+Each (prompt, seed) run is reduced to its own map sums and saved as a shard beside the output before
+it is merged, so an interrupted calibration resumes where it stopped and gives the same result.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save
 
 from .core.stability import StabilityMaps
-from .files import Calibration
+from .files import Calibration, write_atomic
 from .hooks import apply_recorder, remove_recorder
 from .models.registry import ModelSpec
 
@@ -40,6 +49,29 @@ def reference_run_kwargs(spec: ModelSpec, steps: int, height: int | None, width:
     return kwargs
 
 
+def shard_directory(out: str | Path) -> Path:
+    """Where per-run partial results live while a calibration writing `out` is in progress."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.shards")
+
+
+def _shard_name(spec: ModelSpec, call_kwargs: dict[str, Any], kmax: int, prompt: str, seed: int) -> str:
+    """A run's identity: a shard is reused only by a run with the very same settings."""
+    key = json.dumps([spec.name, call_kwargs, kmax, prompt, seed], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors"
+
+
+def reference_run(pipe: Any, recorder: Any, prompt: str, seed: int, call_kwargs: dict[str, Any], kmax: int,
+                  on_step: StepCallback | None) -> StabilityMaps:
+    """One uncached run, reduced to the map sums of its guidance branches."""
+    pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+         callback_on_step_end=step_callback(on_step), **call_kwargs)
+    maps = StabilityMaps(pipe.scheduler.sigmas.double().cpu().numpy(), kmax)
+    for trajectory in recorder.trajectories():
+        maps.add(trajectory.x0, trajectory.velocities)
+    return maps
+
+
 def calibrate(
     pipe: Any,
     spec: ModelSpec,
@@ -48,27 +80,44 @@ def calibrate(
     call_kwargs: dict[str, Any],
     kmax: int = 5,
     on_step: StepCallback | None = None,
+    shards: Path | None = None,
+    on_resumed: Callable[[int], None] | None = None,
 ) -> Calibration:
-    """Run the uncached pipeline once per (prompt, seed) and average the error maps of every branch."""
+    """Run the uncached pipeline once per (prompt, seed) and average the error maps of every branch.
+
+    With `shards`, each run's sums are saved there first and runs already saved are not run again.
+    """
+    runs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    total: StabilityMaps | None = None
     recorder = apply_recorder(pipe)
-    maps: StabilityMaps | None = None
     try:
-        for prompt in prompts:
-            for seed in seeds:
-                pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
-                     callback_on_step_end=step_callback(on_step), **call_kwargs)
-                sigmas = pipe.scheduler.sigmas.double().cpu().numpy()
-                if maps is None:
-                    maps = StabilityMaps(sigmas, kmax)
-                for trajectory in recorder.trajectories():
-                    maps.add(trajectory.x0, trajectory.velocities)
+        for prompt, seed in runs:
+            shard = shards / _shard_name(spec, call_kwargs, kmax, prompt, seed) if shards else None
+            if shard is not None and shard.exists():
+                arrays = load_file(shard)
+                maps = StabilityMaps.from_sums(arrays.pop("sigmas"), arrays)
+                if on_resumed is not None:
+                    on_resumed(call_kwargs["num_inference_steps"])
+            else:
+                maps = reference_run(pipe, recorder, prompt, seed, call_kwargs, kmax, on_step)
+                if shard is not None:
+                    shard.parent.mkdir(exist_ok=True)
+                    write_atomic(shard, save({"sigmas": np.asarray(maps.sigmas), **maps.sums()}))
+            if total is None:
+                total = maps
+            else:
+                total.merge(maps)
     finally:
         remove_recorder(pipe)
     guidance = {name: call_kwargs[name] for name in ("guidance_scale", "true_cfg_scale", "negative_prompt")
                 if name in call_kwargs}
     return Calibration(
-        model=spec.name, pipeline_class=type(pipe).__name__, sigmas=np.asarray(maps.sigmas),
-        errors=maps.errors(), step_statistics=maps.step_statistics(), prompts=list(prompts), seeds=list(seeds),
+        model=spec.name, pipeline_class=type(pipe).__name__, sigmas=np.asarray(total.sigmas),
+        errors=total.errors(), step_statistics=total.step_statistics(), prompts=list(prompts), seeds=list(seeds),
         height=call_kwargs.get("height"), width=call_kwargs.get("width"), frames=call_kwargs.get("num_frames"),
-        guidance=guidance, trajectories=maps.count,
+        guidance=guidance, trajectories=total.count,
     )
+
+
+def remove_shards(out: str | Path) -> None:
+    shutil.rmtree(shard_directory(out), ignore_errors=True)

@@ -130,12 +130,13 @@ def calibrate(
     true_cfg_scale: CfgOption = None,
     negative_prompt: NegativeOption = None,
     guidance_scale: GuidanceOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse the runs an interrupted calibration saved.")] = False,
     device: DeviceOption = "cpu",
     as_json: JsonOption = False,
 ) -> None:
     """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
     from .calibrate import calibrate as run_calibration
-    from .calibrate import reference_run_kwargs
+    from .calibrate import reference_run_kwargs, remove_shards, shard_directory
     from .files import save_calibration
     from .models.registry import resolve_model
     from .outputs import check_output_directory
@@ -156,8 +157,17 @@ def calibrate(
     spec, pipe = load_model(model, device)
     runs = len(prompt_list) * len(seed_list)
     with progress_bar(f"calibrating {spec.name}: {runs} runs", runs * steps) as advance:
-        calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, kmax=kmax, on_step=advance)
+        if not resume:
+            remove_shards(out)
+
+        def resumed(steps: int) -> None:
+            for _ in range(steps):
+                advance()
+
+        calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, kmax=kmax, on_step=advance,
+                                      shards=shard_directory(out), on_resumed=resumed)
     save_calibration(calibration, out)
+    remove_shards(out)
     summary = {"output": str(out), "model": spec.name, "steps": steps, "kmax": kmax, "runs": runs,
                "trajectories": calibration.trajectories}
     emit(summary, as_json, f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), "
@@ -282,6 +292,43 @@ def compare_with_uncached(pipe: Any, prompt: str, seed: int, kwargs: dict[str, A
     return {"reference_nfe": reference.nfe, "reference_seconds": uncached, "cached_seconds": cached,
             "speedup": uncached / cached, "psnr": psnr(image, reference.images[0]),
             "ssim": ssim(image, reference.images[0])}
+
+
+@app.command("inspect")
+def inspect_file(
+    path: Annotated[str, typer.Argument(help="A calibration or a schedule file (- for stdin).")],
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: error map, path, velocity change.")] = None,
+    calibration: Annotated[str | None, typer.Option(
+        "--calibration", help="Calibration to draw a schedule on (default: the one it was planned from).")] = None,
+    cost: Annotated[str, typer.Option(help="Map to draw: displacement or velocity.")] = "displacement",
+    as_json: JsonOption = False,
+) -> None:
+    """Summarize a calibration or a schedule, and plot the error map with the chosen path."""
+    from .core.stability import COST_KINDS
+    from .files import Schedule, load_calibration, load_file
+    from .inspect import plot as plot_file
+    from .inspect import summary, summary_text
+
+    if cost not in COST_KINDS:
+        raise UsageError(f"--cost {cost} is unknown: use one of {', '.join(COST_KINDS)}")
+    if plot is not None:
+        from .outputs import check_output_directory
+
+        check_output_directory(plot)
+    item = load_file(path)
+    data = summary(item)
+    if plot is not None:
+        schedule = item if isinstance(item, Schedule) else None
+        if schedule is not None:
+            source = calibration or (schedule.calibration or {}).get("path")
+            if source is None:
+                raise UsageError("this schedule names no calibration: pass --calibration FILE to plot it")
+            cal = load_calibration(source)
+        else:
+            cal = item
+        plot_file(cal, plot, schedule, cost)
+        data["plot"] = str(plot)
+    emit(data, as_json, summary_text(data))
 
 
 @app.command()

@@ -334,6 +334,18 @@ def defined_edges(kmax: int, n: int) -> np.ndarray:
     return (t < s) & (t - k >= 0) & (t < n)
 
 
+def load_file(path: str | Path) -> Calibration | Schedule:
+    """A calibration or a schedule, whichever the file holds."""
+    source = "stdin" if str(path) == STDIO else str(path)
+    raw = read_bytes(path, "input")
+    if _calibration_metadata(raw) is not None:
+        return parse_calibration(raw, source)
+    try:
+        return parse_schedule(raw.decode("utf-8"), source)
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{source} is neither a calibration nor a schedule") from None
+
+
 def load_calibration(path: str | Path) -> Calibration:
     source = "stdin" if str(path) == STDIO else str(path)
     return parse_calibration(read_bytes(path, "calibration"), source)

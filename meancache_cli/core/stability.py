@@ -106,6 +106,19 @@ class StabilityMaps:
         self.mean_velocity_change_sum += other.mean_velocity_change_sum
         self.count += other.count
 
+    def sums(self) -> dict[str, np.ndarray]:
+        """The running sums as arrays, to persist a partial calibration (a shard)."""
+        return {"error_sum": self.error_sum, "velocity_norm_sum": self.velocity_norm_sum,
+                "velocity_change_sum": self.velocity_change_sum,
+                "mean_velocity_change_sum": self.mean_velocity_change_sum, "count": np.array([self.count])}
+
+    @classmethod
+    def from_sums(cls, sigmas: np.ndarray, sums: dict[str, np.ndarray]) -> StabilityMaps:
+        maps = cls(sigmas, sums["error_sum"].shape[0] - 1)
+        for name, value in sums.items():
+            setattr(maps, name, int(value[0]) if name == "count" else value.copy())
+        return maps
+
     def errors(self) -> np.ndarray:
         """Mean `E_K(t, s)`, shape (Kmax+1, N+1, N+1), NaN where undefined."""
         if self.count == 0:
