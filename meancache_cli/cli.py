@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import sys
 from contextlib import contextmanager
@@ -349,12 +350,20 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """A kill is handled like Ctrl-C, so temporary files are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point: one-line errors with documented exit codes (2 usage, 1 runtime, 130 interrupted)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # Set both explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps that.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):
@@ -371,3 +380,5 @@ def main() -> None:
             raise
         message = str(error).splitlines()[0] if str(error) else ""
         fail(f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", 1)
+    if code == 130:
+        fail("interrupted", 130)  # typer turns Ctrl-C into a returned exit code outside standalone mode

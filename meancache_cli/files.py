@@ -47,10 +47,18 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask (only readable by setting it), so outputs get the usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_bytes(path: str | Path, what: str) -> bytes:
@@ -341,9 +349,14 @@ def load_file(path: str | Path) -> Calibration | Schedule:
     if _calibration_metadata(raw) is not None:
         return parse_calibration(raw, source)
     try:
-        return parse_schedule(raw.decode("utf-8"), source)
-    except UnicodeDecodeError:
-        raise FileFormatError(f"{source} is neither a calibration nor a schedule") from None
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        data = None
+    if not isinstance(data, dict):
+        raise FileFormatError(
+            f"{source} is neither a MeanCache calibration nor a schedule (truncated, corrupted or another kind of file)"
+        )
+    return parse_schedule(raw.decode("utf-8"), source)
 
 
 def load_calibration(path: str | Path) -> Calibration:

@@ -3,10 +3,8 @@
 import json
 
 import numpy as np
-import pytest
 from cli_helpers import run_cli, run_process
 from PIL import Image
-from tiny import tiny_flux_pipeline
 
 from meancache_cli import load_calibration, load_schedule
 from meancache_cli.outputs import read_provenance
@@ -14,27 +12,9 @@ from meancache_cli.outputs import read_provenance
 SIZE = ["--height", "32", "--width", "32"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-flux")
-    tiny_flux_pipeline().save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def calibration(model_dir, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("cal") / "cal.safetensors"
-    result = run_process(["calibrate", "--model", model_dir, "--prompt", "a red circle", "--prompt",
-                          "a blue star", "--seeds", "0,1", "--steps", "10", *SIZE, "--kmax", "2", "--out", str(out),
-                          "--json"])
-    assert result.returncode == 0, result.stderr.decode()
-    summary = json.loads(result.stdout)
-    assert summary["runs"] == 4 and summary["trajectories"] == 4 and summary["steps"] == 10
-    return str(out)
-
-
 def test_calibration_file_holds_the_run(calibration, model_dir) -> None:
     loaded = load_calibration(calibration)
+    assert loaded.trajectories == 4
     assert loaded.errors.shape == (3, 11, 11)
     assert loaded.prompts == ["a red circle", "a blue star"] and loaded.seeds == [0, 1]
     assert loaded.model == model_dir and loaded.pipeline_class == "FluxPipeline"

@@ -1,0 +1,142 @@
+"""Every bad input: a one-line error, the documented exit code, no traceback, nothing written."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import ROOT, run_cli
+
+from meancache_cli.files import load_calibration, save_calibration
+
+SIZE = ["--height", "32", "--width", "32"]
+
+
+@pytest.fixture(scope="module")
+def files(calibration, model_dir, tmp_path_factory) -> dict[str, str]:
+    """Good and bad inputs, built once."""
+    from cli_helpers import run_process
+
+    root = tmp_path_factory.mktemp("inputs")
+    schedule = root / "schedule.yaml"
+    planned = run_process(["plan", "--calibration", calibration, "--budget", "4", "--out", str(schedule)])
+    assert planned.returncode == 0
+    raw = Path(calibration).read_bytes()
+    (root / "truncated.safetensors").write_bytes(raw[: len(raw) // 3])
+    (root / "garbage.safetensors").write_bytes(b"\x00\x01garbage" * 10)
+    (root / "empty.txt").write_text("\n# only a comment\n")
+    (root / "v2.yaml").write_text(schedule.read_text().replace("format_version: 1", "format_version: 2"))
+    (root / "other-model.yaml").write_text(schedule.read_text().replace(f"model: {model_dir}", "model: demo"))
+    bad = load_calibration(calibration)
+    bad.errors[1, 2, 5] = np.nan
+    save_calibration(bad, root / "nan.safetensors")
+    bad.errors[1, 2, 5] = np.inf
+    save_calibration(bad, root / "inf.safetensors")
+    return {"cal": calibration, "schedule": str(schedule), "model": model_dir, "root": str(root)}
+
+
+def case(args: str, code: int, message: str) -> tuple[str, int, str]:
+    return args, code, message
+
+
+CASES = [
+    case("plan --calibration {cal} --budget 0", 2, "--budget 0 is out of range: the calibration has 10 steps"),
+    case("plan --calibration {cal} --budget 11", 2, "--budget 11 is out of range"),
+    case("plan --calibration {cal} --budget 4 --gamma -1", 2, "--gamma -1.0 is invalid"),
+    case("plan --calibration {cal} --budget 4 --gamma abc", 2, "Invalid value for '--gamma'"),
+    case("plan --calibration {cal} --budget 4 --gamma nan", 2, "--gamma nan is invalid"),
+    case("plan --calibration {cal} --budget 4 --cost peak", 2, "--cost peak is unknown"),
+    case("plan --calibration {cal} --budget 4 --kmax -1", 2, "--kmax -1 is invalid"),
+    case("plan --calibration {root}/missing.safetensors --budget 4", 1, "does not exist"),
+    case("plan --calibration {root} --budget 4", 1, "is a directory"),
+    case("plan --calibration {root}/truncated.safetensors --budget 4", 1, "truncated, corrupted"),
+    case("plan --calibration {root}/garbage.safetensors --budget 4", 1, "truncated, corrupted"),
+    case("plan --calibration {schedule} --budget 4", 1, "is a schedule, but a calibration is needed"),
+    case("plan --calibration {root}/nan.safetensors --budget 4", 1, "NaN or Inf in defined entries"),
+    case("plan --calibration {root}/inf.safetensors --budget 4", 1, "NaN or Inf"),
+    case("plan --calibration {cal} --budget 4 --out {root}/no/dir/s.yaml", 2, "does not exist; create it first"),
+    case("plan --calibration {cal} --budget 4 --out /proc/s.yaml", 2, "is not writable"),
+    case("calibrate --model {model} --kmax -1 --out {root}/c.safetensors", 2, "--kmax -1 is invalid"),
+    case("calibrate --model {model} --steps 1 --out {root}/c.safetensors", 2, "--steps 1 is too small"),
+    case("calibrate --model {model} --prompts {root}/empty.txt --out {root}/c.safetensors", 2, "holds no prompt"),
+    case("calibrate --model {model} --prompt x --seeds 1,x --out {root}/c.safetensors", 2, "--seeds '1,x' is invalid"),
+    case("calibrate --model flx --out {root}/c.safetensors", 2, "unknown model 'flx'"),
+    case("calibrate --model dem --out {root}/c.safetensors", 2, "did you mean 'demo'?"),
+    case("calibrate --model {model} --out {root}/missing/c.safetensors", 2, "does not exist; create it first"),
+    case("generate --model {model} --prompt x --steps 1 --no-cache --out {root}/o.png", 2, "--steps 1 is too small"),
+    case("generate --model {model} --prompt x --out {root}/o.png", 2, "no schedule: pass --schedule FILE"),
+    case("generate --model {model} --prompt x --schedule {cal} --out {root}/o.png", 1,
+         "is a calibration, but a schedule is needed"),
+    case("generate --model {model} --prompt x --schedule {root}/v2.yaml --out {root}/o.png", 1,
+         "format_version 2 is not supported"),
+    case("generate --model {model} --prompt x --schedule {schedule} --steps 12 --out {root}/o.png", 1,
+         "planned for 10 steps but this run uses --steps 12"),
+    case("generate --model {model} --prompt x --schedule {root}/other-model.yaml --out {root}/o.png", 1,
+         "planned for model 'demo' but this run uses"),
+    case("generate --model {model} --prompt x --no-cache --out {root}/o.gif2", 2, "unknown image type '.gif2'"),
+    case("generate --model {model} --prompt x --no-cache --true-cfg-scale 3 --out {root}/o.png", 2,
+         "--true-cfg-scale needs --negative-prompt"),
+    case("inspect {root}/garbage.safetensors", 1, "neither a MeanCache calibration nor a schedule"),
+    case("generate --prompt x", 2, "Missing option '--out'"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), CASES, ids=[c[0].split(" {")[0] + f"-{i}"
+                                                                  for i, c in enumerate(CASES)])
+def test_bad_input(files, capsys, args: str, code: int, message: str) -> None:
+    root = Path(files["root"])
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    result = run_cli(args.format(**files).split(), capsys)
+    assert result.code == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_debug_shows_the_traceback(files, capsys) -> None:
+    with pytest.raises(Exception, match="does not exist"):
+        run_cli(["--debug", "plan", "--calibration", files["root"] + "/missing.safetensors", "--budget", "4"],
+                capsys)
+
+
+def calibrate_command(model: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "meancache_cli", "calibrate", "--model", model, "--prompt", "a red circle",
+            "--prompt", "a blue star", "--prompt", "a green square", "--seeds", "0,1", "--steps", "8", *SIZE,
+            "--kmax", "2", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_calibration_leaves_nothing_and_resumes_to_the_same_result(model_dir, tmp_path,
+                                                                               signum: int) -> None:
+    out = tmp_path / "cal.safetensors"
+    shards = tmp_path / ".cal.safetensors.shards"
+    process = subprocess.Popen(calibrate_command(model_dir, out), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(shards.glob("*.safetensors"))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines()[-1] == "interrupted"
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [shards.name]
+    done = len(list(shards.glob("*.safetensors")))
+    assert 2 <= done < 6
+    if signum == signal.SIGTERM:
+        return
+
+    resumed = subprocess.run(calibrate_command(model_dir, out, "--resume", "--json"), cwd=ROOT, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert not shards.exists()
+    fresh_out = tmp_path / "fresh.safetensors"
+    fresh = subprocess.run(calibrate_command(model_dir, fresh_out), cwd=ROOT, capture_output=True)
+    assert fresh.returncode == 0, fresh.stderr.decode()
+    a, b = load_calibration(out), load_calibration(fresh_out)
+    np.testing.assert_array_equal(a.errors, b.errors)
+    assert a.metadata() == b.metadata() and a.trajectories == 6
