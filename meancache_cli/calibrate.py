@@ -18,6 +18,8 @@ import torch
 from safetensors.numpy import load_file, save
 
 from .core.stability import StabilityMaps
+from .distributed import World
+from .errors import UsageError
 from .files import Calibration, write_atomic
 from .hooks import apply_recorder, remove_recorder
 from .models.registry import ModelSpec
@@ -82,16 +84,22 @@ def calibrate(
     on_step: StepCallback | None = None,
     shards: Path | None = None,
     on_resumed: Callable[[int], None] | None = None,
+    world: World | None = None,
 ) -> Calibration:
     """Run the uncached pipeline once per (prompt, seed) and average the error maps of every branch.
 
     With `shards`, each run's sums are saved there first and runs already saved are not run again.
+    Under torchrun each rank runs its share of the pairs and the sums are added across ranks.
     """
+    world = world or World()
     runs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    if len(runs) < world.size:
+        raise UsageError(f"{len(runs)} (prompt, seed) pairs cannot be shared by {world.size} processes: "
+                         "add prompts or seeds, or start fewer processes")
     total: StabilityMaps | None = None
     recorder = apply_recorder(pipe)
     try:
-        for prompt, seed in runs:
+        for prompt, seed in world.share(runs):
             shard = shards / _shard_name(spec, call_kwargs, kmax, prompt, seed) if shards else None
             if shard is not None and shard.exists():
                 arrays = load_file(shard)
@@ -109,6 +117,8 @@ def calibrate(
                 total.merge(maps)
     finally:
         remove_recorder(pipe)
+    if world.size > 1:
+        total = StabilityMaps.from_sums(total.sigmas, world.sum_arrays(total.sums()))
     guidance = {name: call_kwargs[name] for name in ("guidance_scale", "true_cfg_scale", "negative_prompt")
                 if name in call_kwargs}
     return Calibration(

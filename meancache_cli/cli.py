@@ -40,10 +40,10 @@ def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show trace
 
 
 @contextmanager
-def progress_bar(description: str, total: int):
+def progress_bar(description: str, total: int, enabled: bool = True):
     """A rich progress bar on stderr; yields a function that advances it by one."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True) as progress:
+    with Progress(*columns, console=stderr, transient=True, disable=not enabled) as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
 
@@ -138,6 +138,7 @@ def calibrate(
     """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
     from .calibrate import calibrate as run_calibration
     from .calibrate import reference_run_kwargs, remove_shards, shard_directory
+    from .distributed import current_world
     from .files import save_calibration
     from .models.registry import resolve_model
     from .outputs import check_output_directory
@@ -155,22 +156,27 @@ def calibrate(
     check_vocabulary(spec, prompt_list)
     kwargs = reference_run_kwargs(spec, steps, height, width, None,
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
-    spec, pipe = load_model(model, device)
+    world = current_world()
+    spec, pipe = load_model(model, world.device(device))
     runs = len(prompt_list) * len(seed_list)
-    with progress_bar(f"calibrating {spec.name}: {runs} runs", runs * steps) as advance:
-        if not resume:
-            remove_shards(out)
+    if not resume and world.is_main:
+        remove_shards(out)
+    world.barrier()
+    mine = len(world.share(range(runs)))
+    with progress_bar(f"calibrating {spec.name}: {mine} runs", mine * steps, enabled=world.is_main) as advance:
 
         def resumed(steps: int) -> None:
             for _ in range(steps):
                 advance()
 
         calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, kmax=kmax, on_step=advance,
-                                      shards=shard_directory(out), on_resumed=resumed)
+                                      shards=shard_directory(out), on_resumed=resumed, world=world)
+    if not world.is_main:
+        return
     save_calibration(calibration, out)
     remove_shards(out)
     summary = {"output": str(out), "model": spec.name, "steps": steps, "kmax": kmax, "runs": runs,
-               "trajectories": calibration.trajectories}
+               "trajectories": calibration.trajectories, "processes": world.size}
     emit(summary, as_json, f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), "
          f"N={steps}, Kmax={kmax}")
 
