@@ -46,13 +46,18 @@ def check_schedule(schedule: Schedule, model: str, steps: int, height: int | Non
 def generate(
     pipe: Any,
     prompt: str | list[str],
-    seed: int,
+    seed: int | list[int],
     call_kwargs: dict[str, Any],
     schedule: Schedule | None = None,
     on_step: StepCallback | None = None,
     output_type: str = "pil",
 ) -> Generation:
-    """Run the pipeline once; with a schedule, through the MeanCache hook."""
+    """Run the pipeline once; with a schedule, through the MeanCache hook.
+
+    A list of prompts with a list of seeds is one batched call in which image i is drawn from seed i.
+    """
+    generator = ([torch.Generator("cpu").manual_seed(s) for s in seed] if isinstance(seed, list)
+                 else torch.Generator("cpu").manual_seed(seed))
     remove_meancache(pipe)
     counter = apply_evaluation_counter(pipe)
     if schedule is not None:
@@ -60,7 +65,7 @@ def generate(
     before = counter.evaluations
     start = time.perf_counter()
     try:
-        result = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type,
+        result = pipe(prompt=prompt, generator=generator, output_type=output_type,
                       callback_on_step_end=step_callback(on_step), **call_kwargs)
     finally:
         seconds = time.perf_counter() - start

@@ -1,0 +1,81 @@
+"""Batch generation from a prompts file: numbered outputs and a JSONL manifest, resumable, torchrun-aware."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .distributed import World
+from .files import Schedule, write_atomic
+from .generate import generate
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    prompt: str
+    seed: int
+    path: Path
+
+
+def plan_jobs(prompts: list[str], seed: int, out_dir: Path, suffix: str = ".png") -> list[Job]:
+    """Prompt i becomes `out_dir/00000i.png`, drawn from seed `seed + i`."""
+    return [Job(i, prompt, seed + i, out_dir / f"{i:06d}{suffix}") for i, prompt in enumerate(prompts)]
+
+
+def _rank_manifest(out_dir: Path, rank: int) -> Path:
+    return out_dir / f".manifest.rank{rank}.jsonl"
+
+
+def run_batch(
+    pipe: Any,
+    jobs: list[Job],
+    call_kwargs: dict[str, Any],
+    schedule: Schedule | None,
+    save: Callable[[Any, Path, dict[str, Any]], None],
+    batch_size: int = 1,
+    world: World | None = None,
+    on_image: Callable[[], None] | None = None,
+) -> int:
+    """Generate this rank's jobs whose output does not exist yet; returns how many were generated.
+
+    Each finished image appends a line to this rank's manifest part, so an interrupted batch resumes.
+    """
+    world = world or World()
+    todo = [job for job in world.share(jobs) if not job.path.exists()]
+    part = _rank_manifest(jobs[0].path.parent, world.rank) if jobs else None
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        result = generate(pipe, [job.prompt for job in chunk], [job.seed for job in chunk], call_kwargs, schedule)
+        for job, image in zip(chunk, result.images):
+            record = {"index": job.index, "prompt": job.prompt, "seed": job.seed, "file": job.path.name,
+                      "nfe": result.nfe, "seconds": result.seconds, "batch": len(chunk),
+                      "schedule_sha256": schedule.sha256() if schedule else None}
+            save(image, job.path, record)
+            with open(part, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if on_image is not None:
+                on_image()
+    return len(todo)
+
+
+def merge_manifests(out_dir: Path, world_size: int) -> list[dict[str, Any]]:
+    """Fold every rank's part into `manifest.jsonl` (one line per index, newest wins), sorted by index."""
+    records: dict[int, dict[str, Any]] = {}
+    sources = [out_dir / MANIFEST, *(_rank_manifest(out_dir, r) for r in range(world_size))]
+    for source in sources:
+        if source.exists():
+            for line in source.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    records[record["index"]] = record
+    merged = [records[i] for i in sorted(records)]
+    write_atomic(out_dir / MANIFEST, "".join(json.dumps(r) + "\n" for r in merged).encode())
+    for rank in range(world_size):
+        _rank_manifest(out_dir, rank).unlink(missing_ok=True)
+    return merged
