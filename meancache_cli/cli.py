@@ -7,6 +7,7 @@ import os
 import signal
 import statistics
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +33,10 @@ CfgOption = Annotated[float | None, typer.Option("--true-cfg-scale", help="True 
 NegativeOption = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt for true CFG.")]
 GuidanceOption = Annotated[float | None, typer.Option("--guidance-scale", help="Embedded guidance scale.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="Torch device.")]
+FramesOption = Annotated[int | None, typer.Option("--frames", help="Video frames (video models; default if omitted).")]
+DtypeOption = Annotated[str | None, typer.Option("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32).")]
+OffloadOption = Annotated[bool, typer.Option("--offload", help="Keep each part on the CPU until it runs.")]
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @app.callback()
@@ -62,13 +67,31 @@ def warn(message: str) -> None:
     stderr.print(f"warning: {message}", style="yellow", highlight=False)
 
 
-def load_model(model: str, device: str) -> tuple[Any, Any]:
-    """Resolve and load a pipeline, reporting where it came from."""
+def parse_dtype(dtype: str | None, device: str) -> Any:
+    import torch
+
+    if dtype is None:
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype} is unknown: use one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[dtype])
+
+
+def load_model(model: str, device: str, dtype: str | None = None, offload: bool = False) -> tuple[Any, Any]:
+    """Resolve and load a pipeline, reporting where it came from and any scheduler it had to replace."""
     from .models.registry import load_pipeline, resolve_model
+    from .models.schedulers import SchedulerSwapWarning
 
     spec = resolve_model(model)
-    with stderr.status(f"loading {spec.name}", spinner="dots"):
-        pipe = load_pipeline(spec, device=device)
+    torch_dtype = parse_dtype(dtype, device)
+    if offload and device == "cpu":
+        raise UsageError("--offload moves parts to an accelerator while they run: use it with --device cuda")
+    with stderr.status(f"loading {spec.name}", spinner="dots"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SchedulerSwapWarning)
+        pipe = load_pipeline(spec, device=device, dtype=torch_dtype, offload=offload)
+    for warning in caught:
+        if issubclass(warning.category, SchedulerSwapWarning):
+            warn(str(warning.message))
     return spec, pipe
 
 
@@ -111,6 +134,13 @@ def check_steps(steps: int) -> None:
         raise UsageError(f"--steps {steps} is too small: use 2 or more")
 
 
+def check_frames(spec: Any, frames: int | None) -> None:
+    if frames is not None and spec.fps is None:
+        raise UsageError(f"--frames: {spec.name} makes images, not videos; leave --frames out")
+    if frames is not None and frames < 1:
+        raise UsageError(f"--frames {frames} is invalid: use 1 or more")
+
+
 def guidance_kwargs(cfg: float | None, negative: str | None, guidance: float | None) -> dict[str, Any]:
     if cfg is not None and cfg > 1 and not negative:
         raise UsageError("--true-cfg-scale needs --negative-prompt: true CFG runs the negative prompt as a branch")
@@ -127,12 +157,15 @@ def calibrate(
     steps: Annotated[int | None, typer.Option(help="Sampler steps N (model default if omitted).")] = None,
     height: HeightOption = None,
     width: WidthOption = None,
+    frames: FramesOption = None,
     kmax: Annotated[int, typer.Option(help="Largest JVP order K to measure.")] = 5,
     true_cfg_scale: CfgOption = None,
     negative_prompt: NegativeOption = None,
     guidance_scale: GuidanceOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the runs an interrupted calibration saved.")] = False,
     device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
+    offload: OffloadOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
@@ -154,10 +187,11 @@ def calibrate(
         raise UsageError("no calibration prompt: pass --prompt TEXT or --prompts FILE")
     seed_list = parse_seeds(seeds) if seeds is not None else spec.calibration_seeds
     check_vocabulary(spec, prompt_list)
-    kwargs = reference_run_kwargs(spec, steps, height, width, None,
+    check_frames(spec, frames)
+    kwargs = reference_run_kwargs(spec, steps, height, width, frames,
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     world = current_world()
-    spec, pipe = load_model(model, world.device(device))
+    spec, pipe = load_model(model, world.device(device), dtype, offload)
     runs = len(prompt_list) * len(seed_list)
     if not resume and world.is_main:
         remove_shards(out)
@@ -224,7 +258,7 @@ app.command("schedule", help="Alias of plan.")(plan)
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", help="The prompt.")],
-    out: Annotated[Path, typer.Option("--out", help="Image file to write (.png, .jpg, .webp).")],
+    out: Annotated[Path, typer.Option("--out", help="Image (.png, .jpg, .webp) or video (.mp4, .gif) to write.")],
     model: ModelOption = "demo",
     schedule: Annotated[str | None, typer.Option("--schedule", help="Schedule file, or - for stdin.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Run the uncached pipeline.")] = False,
@@ -232,21 +266,25 @@ def generate(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     height: HeightOption = None,
     width: WidthOption = None,
+    frames: FramesOption = None,
+    fps: Annotated[int | None, typer.Option("--fps", help="Video frames per second (model default).")] = None,
     true_cfg_scale: CfgOption = None,
     negative_prompt: NegativeOption = None,
     guidance_scale: GuidanceOption = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also run uncached: report speed-up and PSNR.")] = False,
     repeat: Annotated[int, typer.Option(help="Timed runs per variant with --compare (median).")] = 3,
     device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
+    offload: OffloadOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Generate an image, running the model only at the schedule's compute steps."""
+    """Generate an image or a video, running the model only at the schedule's compute steps."""
     from .calibrate import reference_run_kwargs
     from .files import load_schedule
     from .generate import check_schedule
     from .generate import generate as run_generation
     from .models.registry import resolve_model
-    from .outputs import check_output_path, save_image
+    from .outputs import check_output_path, save_image, save_video, video_output_path
 
     if schedule is not None and no_cache:
         raise UsageError("--schedule and --no-cache exclude each other: pass one")
@@ -254,25 +292,37 @@ def generate(
         raise UsageError("no schedule: pass --schedule FILE (from 'meancache plan') or --no-cache")
     if repeat < 1:
         raise UsageError(f"--repeat {repeat} is invalid: use 1 or more")
-    check_output_path(out)
     spec = resolve_model(model)
+    check_frames(spec, frames)
+    video = spec.fps is not None
+    check_output_path(out, video=video)
+    if video:
+        if fps is not None and fps < 1:
+            raise UsageError(f"--fps {fps} is invalid: use 1 or more")
+        out, fallback = video_output_path(out)
+        if fallback:
+            warn(fallback)
     plan = load_schedule(schedule) if schedule is not None else None
     steps = steps if steps is not None else (plan.num_inference_steps if plan else spec.steps)
     check_steps(steps)
-    kwargs = reference_run_kwargs(spec, steps, height, width, None,
+    kwargs = reference_run_kwargs(spec, steps, height, width, frames,
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     if plan is not None:
         for message in check_schedule(plan, spec.name, steps, kwargs.get("height"), kwargs.get("width")):
             warn(message)
     check_vocabulary(spec, [prompt])
-    spec, pipe = load_model(model, device)
+    spec, pipe = load_model(model, device, dtype, offload)
     with progress_bar("generating", steps) as advance:
         result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance)
     provenance = {"model": spec.name, "prompt": prompt, "seed": seed, "steps": steps, "nfe": result.nfe,
                   "schedule_sha256": plan.sha256() if plan else None}
-    save_image(result.images[0], out, provenance)
     summary = {"output": str(out), "nfe": result.nfe, "steps": steps, "seconds": result.seconds,
                "model": spec.name, "seed": seed, "cached": plan is not None}
+    if video:
+        summary["frames"] = len(result.images[0])
+        save_video(result.images[0], out, fps or spec.fps, {**provenance, "frames": summary["frames"]})
+    else:
+        save_image(result.images[0], out, provenance)
     text = f"wrote {out}: {result.nfe} model evaluations for {steps} steps in {result.seconds:.2f} s"
     if compare and plan is not None:
         summary.update(compare_with_uncached(pipe, prompt, seed, kwargs, plan, result.images[0], repeat))
@@ -296,9 +346,11 @@ def compare_with_uncached(pipe: Any, prompt: str, seed: int, kwargs: dict[str, A
             uncached_times.append(run_generation(pipe, prompt, seed, kwargs, None).seconds)
             advance()
     cached, uncached = statistics.median(cached_times), statistics.median(uncached_times)
+    # A video is compared frame by frame (the mean over frames).
+    pairs = list(zip(image, reference.images[0])) if isinstance(image, list) else [(image, reference.images[0])]
     return {"reference_nfe": reference.nfe, "reference_seconds": uncached, "cached_seconds": cached,
-            "speedup": uncached / cached, "psnr": psnr(image, reference.images[0]),
-            "ssim": ssim(image, reference.images[0])}
+            "speedup": uncached / cached, "psnr": statistics.mean(psnr(a, b) for a, b in pairs),
+            "ssim": statistics.mean(ssim(a, b) for a, b in pairs)}
 
 
 @app.command("inspect")

@@ -34,15 +34,23 @@ def _scheduler_sigmas(pipe: Any) -> SigmaSource:
     return lambda: pipe.scheduler.sigmas
 
 
+def _stacked(sample: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """A list of per-sample tensors (Z-Image) as one batch tensor; a tensor as itself."""
+    return torch.stack(list(sample)) if isinstance(sample, (list, tuple)) else sample
+
+
 def _replace_output(output: Any, sample: torch.Tensor) -> Any:
-    """The transformer's output with its sample swapped, in the same structure (tuple or dataclass)."""
+    """The transformer's output with its sample swapped, in the same structure (tuple or dataclass, list or tensor)."""
+    old = output[0] if isinstance(output, tuple) else output.sample
+    if isinstance(old, (list, tuple)):
+        sample = list(sample.unbind(0))
     if isinstance(output, tuple):
         return (sample, *output[1:])
     return replace(output, sample=sample)
 
 
 def _output_sample(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output.sample
+    return _stacked(output[0] if isinstance(output, tuple) else output.sample)
 
 
 class _StepTracker:
@@ -77,7 +85,9 @@ class _StepTracker:
         self.last_timestep = timestep.detach().clone()
         self.last_sigma = sigma
         expected = float(self.sigmas()[self.step])
-        if abs(sigma - expected) > 1e-3 * max(1.0, abs(expected)):
+        # A bf16 timestep is rounded to 8 significant bits: allow its precision, not just 1e-3.
+        precision = torch.finfo(timestep.dtype).eps if timestep.is_floating_point() else 0.0
+        if abs(sigma - expected) > max(1e-3, precision) * max(1.0, abs(expected)):
             raise MeanCacheError(
                 f"step {self.step}: the transformer got σ={sigma:.4f} but the scheduler is at σ={expected:.4f}; "
                 "the pipeline's scheduler must be a one-call-per-step flow-matching scheduler "
@@ -87,14 +97,15 @@ class _StepTracker:
 
 
 class _ForwardArgs:
-    """Finds `hidden_states` and `timestep` among a forward call's positional and keyword arguments."""
+    """Finds the latents and the timestep (named by the adapter) among a forward call's arguments."""
 
-    def __init__(self, forward: Callable[..., Any]) -> None:
+    def __init__(self, forward: Callable[..., Any], adapter: ModelAdapter) -> None:
         self.signature = inspect.signature(forward)
+        self.names = adapter.latents_arg, adapter.timestep_arg
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         bound = self.signature.bind_partial(*args, **kwargs).arguments
-        return bound["hidden_states"], bound["timestep"]
+        return _stacked(bound[self.names[0]]), bound[self.names[1]]
 
 
 @dataclass
@@ -164,7 +175,7 @@ class MeanCacheHook(ModelHook):
         self.evaluations = 0
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.forward_args = _ForwardArgs(module.forward)
+        self.forward_args = _ForwardArgs(module.forward, self.config.adapter)
         return module
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -268,7 +279,7 @@ class RecorderHook(ModelHook):
         self.velocities: list[list[torch.Tensor]] = []
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.forward_args = _ForwardArgs(module.forward)
+        self.forward_args = _ForwardArgs(module.forward, self.adapter)
         return module
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

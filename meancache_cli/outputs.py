@@ -1,28 +1,48 @@
-"""Writing generated images atomically, with their provenance in a PNG text chunk."""
+"""Writing generated images and videos atomically, with their provenance (PNG text chunk, video comment)."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .errors import UsageError
 from .files import write_atomic
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+VIDEO_SUFFIXES = (".mp4", ".gif")
 PROVENANCE_KEY = "meancache"
 
 
-def check_output_path(path: str | Path) -> Path:
+def check_output_path(path: str | Path, video: bool = False) -> Path:
     """Fail before any expensive work when the output cannot be written."""
     path = Path(path)
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(f"--out {path}: unknown image type '{path.suffix}'; use one of {', '.join(IMAGE_SUFFIXES)}")
+    kinds, what = (VIDEO_SUFFIXES, "video") if video else (tuple(IMAGE_SUFFIXES), "image")
+    if path.suffix.lower() not in kinds:
+        raise UsageError(f"--out {path}: unknown {what} type '{path.suffix}'; use one of {', '.join(kinds)}")
     return check_output_directory(path)
+
+
+def can_write_mp4() -> bool:
+    """imageio writes MP4 through its ffmpeg plugin, which needs the imageio-ffmpeg package."""
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
+def video_output_path(path: str | Path) -> tuple[Path, str | None]:
+    """Where a video asked for at `path` is written, and why it differs: MP4 falls back to GIF without ffmpeg."""
+    path = Path(path)
+    if path.suffix.lower() == ".mp4" and not can_write_mp4():
+        gif = path.with_suffix(".gif")
+        return gif, f"imageio-ffmpeg is not installed, so the video goes to {gif} as a GIF (pip install imageio-ffmpeg)"
+    return path, None
 
 
 def check_output_directory(path: str | Path) -> Path:
@@ -60,7 +80,47 @@ def save_image(image: Image.Image, path: str | Path, provenance: dict[str, Any])
     write_atomic(path, buffer.getvalue())
 
 
+def _frame_array(frame: Any) -> np.ndarray:
+    """HxWx3 uint8 from a PIL image or a float array in [0, 1]."""
+    if isinstance(frame, Image.Image):
+        return np.asarray(frame.convert("RGB"))
+    array = np.asarray(frame)
+    return array if array.dtype == np.uint8 else (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_video(frames: Sequence[Any], path: str | Path, fps: int, provenance: dict[str, Any]) -> Path:
+    """Encode `frames` to a temporary file beside `path`, then rename; return the path written.
+
+    `.mp4` goes through imageio's ffmpeg plugin (H.264); without imageio-ffmpeg it falls back to a GIF
+    next to it (see `video_output_path`). `.gif` goes through Pillow. Both carry `provenance` as a comment.
+    """
+    path, _ = video_output_path(path)
+    arrays = [_frame_array(frame) for frame in frames]
+    comment = json.dumps(provenance, sort_keys=True)
+    if path.suffix.lower() == ".gif":
+        images = [Image.fromarray(array) for array in arrays]
+        buffer = io.BytesIO()
+        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                       duration=round(1000 / fps), comment=comment.encode())
+        write_atomic(path, buffer.getvalue())
+        return path
+    import imageio.v2 as imageio
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        imageio.mimwrite(tmp, arrays, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                         output_params=["-metadata", f"comment={comment}"])
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def read_provenance(path: str | Path) -> dict[str, Any]:
-    """The provenance a PNG written by `save_image` carries."""
+    """The provenance a PNG written by `save_image`, or a GIF written by `save_video`, carries."""
     with Image.open(path) as image:
+        if image.format == "GIF":
+            return json.loads(image.info["comment"])
         return json.loads(image.text[PROVENANCE_KEY])

@@ -15,11 +15,18 @@ from ..errors import MeanCacheError
 
 @dataclass(frozen=True)
 class ModelAdapter:
-    """`σ = sigma_offset + sigma_scale · timestep`, and `dx/dσ = output_sign · output`."""
+    """`σ = sigma_offset + sigma_scale · timestep`, and `dx/dσ = output_sign · output`.
+
+    `latents_arg` and `timestep_arg` name the transformer's forward arguments that carry the latents
+    and the timestep (positional or keyword). The latents may be a tensor or a list of per-sample
+    tensors; the output's sample then has the same structure.
+    """
 
     sigma_offset: float = 0.0
     sigma_scale: float = 1.0
     output_sign: float = 1.0
+    latents_arg: str = "hidden_states"
+    timestep_arg: str = "timestep"
 
     def sigma(self, timestep: torch.Tensor | float) -> float:
         """σ of the step the transformer is asked to evaluate."""
@@ -28,8 +35,19 @@ class ModelAdapter:
 
 
 ADAPTERS: dict[str, ModelAdapter] = {
-    # FluxPipeline passes timestep / 1000, which is σ itself.
+    # FluxPipeline, QwenImagePipeline and ChromaPipeline pass timestep / 1000, which is σ itself.
     "FluxTransformer2DModel": ModelAdapter(),
+    "QwenImageTransformer2DModel": ModelAdapter(),
+    "ChromaTransformer2DModel": ModelAdapter(),
+    # StableDiffusion3Pipeline, HunyuanVideoPipeline and WanPipeline pass the scheduler's timestep, 1000 · σ.
+    "SD3Transformer2DModel": ModelAdapter(sigma_scale=1e-3),
+    "HunyuanVideoTransformer3DModel": ModelAdapter(sigma_scale=1e-3),
+    "WanTransformer3DModel": ModelAdapter(sigma_scale=1e-3),
+    # ZImagePipeline calls transformer(x, t, cap_feats) with x a list of per-sample latents and the reversed
+    # time t = (1000 - timestep) / 1000 = 1 - σ, and steps the scheduler with the negated output.
+    "ZImageTransformer2DModel": ModelAdapter(
+        sigma_offset=1.0, sigma_scale=-1.0, output_sign=-1.0, latents_arg="x", timestep_arg="t",
+    ),
 }
 
 

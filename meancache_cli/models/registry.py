@@ -14,6 +14,8 @@ import torch
 import yaml
 
 from ..errors import MeanCacheError, UsageError
+from .adapters import ADAPTERS, adapter_for
+from .schedulers import SchedulerSwapWarning, euler_scheduler_swap
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class ModelSpec:
     height: int | None = None
     width: int | None = None
     frames: int | None = None
+    fps: int | None = None
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration_prompts: list[str] = field(default_factory=list)
     calibration_seeds: list[int] = field(default_factory=lambda: [1000, 1001])
@@ -61,7 +64,11 @@ def resolve_model(model: str) -> ModelSpec:
         if not index.is_file():
             raise UsageError(f"{path} has no model_index.json: pass a directory saved with save_pretrained")
         pipeline_class = json.loads(index.read_text()).get("_class_name", "")
-        return ModelSpec(name=str(path), pipeline_class=pipeline_class, path=path)
+        # Defaults of the registered model with the same pipeline class (the first by name), else 50 steps.
+        family = next((spec for spec in registered_models() if spec.pipeline_class == pipeline_class and spec.repo_id),
+                      None)
+        return ModelSpec(name=str(path), pipeline_class=pipeline_class, path=path,
+                         steps=family.steps if family else 50, fps=family.fps if family else None)
     close = difflib.get_close_matches(model, configs, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise UsageError(
@@ -69,8 +76,51 @@ def resolve_model(model: str) -> ModelSpec:
     )
 
 
-def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """Instantiate the pipeline, quietly: stderr belongs to our own progress bars."""
+def _check_transformer(spec: ModelSpec) -> None:
+    """Refuse a local pipeline whose transformer has no adapter before loading any weights."""
+    if spec.path is None:
+        return
+    entry = json.loads((spec.path / "model_index.json").read_text()).get("transformer")
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+        raise MeanCacheError(f"{spec.path} holds a {spec.pipeline_class or 'pipeline'} without a transformer: "
+                             "MeanCache supports flow-matching transformer pipelines")
+    if entry[1] not in ADAPTERS:
+        raise MeanCacheError(f"{spec.path}: {entry[1]} is not a supported flow-matching transformer: MeanCache "
+                             f"supports {', '.join(sorted(ADAPTERS))}")
+
+
+def _from_pretrained(pipeline_class: Any, spec: ModelSpec, dtype: torch.dtype) -> Any:
+    """Load weights from a local directory or the Hugging Face cache/hub; one-line error when they are not there."""
+    from diffusers.utils import logging
+
+    source = str(spec.path) if spec.path is not None else spec.repo_id
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # "Couldn't connect to the Hub" and the like: the error below says it in one line
+    try:
+        with warnings.catch_warnings():
+            # Newer diffusers prefer `dtype=`; `torch_dtype=` is what every supported release knows.
+            warnings.simplefilter("ignore", FutureWarning)
+            return pipeline_class.from_pretrained(source, torch_dtype=dtype)
+    except OSError as error:  # huggingface_hub's offline, gated and not-found errors are OSErrors
+        if spec.path is not None:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise MeanCacheError(f"cannot load the pipeline in {spec.path}: {reason}") from None
+        raise MeanCacheError(
+            f"cannot load {spec.repo_id}: its weights are not available here (offline, a gated repo without access, "
+            f"or no Hugging Face token); download them or pass a local directory with --model /path/to/saved/pipeline"
+        ) from None
+    finally:
+        logging.set_verbosity(level)
+
+
+def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  offload: bool = False) -> Any:
+    """Instantiate the pipeline, quietly: stderr belongs to our own progress bars.
+
+    The transformer must have an adapter, and a scheduler other than flow-matching Euler is replaced by one
+    with the same shift (with a `SchedulerSwapWarning`). `offload` moves each part to `device` only while it
+    runs (`enable_model_cpu_offload`).
+    """
     import diffusers
     import transformers
 
@@ -81,13 +131,20 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = tor
 
         pipe = load_demo_pipeline(dtype)
     else:
-        source = str(spec.path) if spec.path is not None else spec.repo_id
         pipeline_class = getattr(diffusers, spec.pipeline_class, None)
         if pipeline_class is None:
             raise MeanCacheError(f"{spec.pipeline_class} is not a diffusers pipeline: upgrade diffusers")
-        with warnings.catch_warnings():
-            # Newer diffusers prefer `dtype=`; `torch_dtype=` is what every supported release knows.
-            warnings.simplefilter("ignore", FutureWarning)
-            pipe = pipeline_class.from_pretrained(source, torch_dtype=dtype)
+        _check_transformer(spec)
+        pipe = _from_pretrained(pipeline_class, spec, dtype)
+    if getattr(pipe, "transformer", None) is None:
+        raise MeanCacheError(f"{type(pipe).__name__} has no transformer: MeanCache supports flow-matching "
+                             "transformer pipelines")
+    adapter_for(pipe.transformer)
+    message = euler_scheduler_swap(pipe)
+    if message is not None:
+        warnings.warn(message, SchedulerSwapWarning, stacklevel=2)
     pipe.set_progress_bar_config(disable=True)
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)

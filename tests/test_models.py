@@ -1,0 +1,238 @@
+"""Every supported pipeline family on its real diffusers classes, tiny random weights, loaded from disk.
+
+For each family: calibrate → plan → generate through the command line on a saved pipeline directory;
+the exact number of real transformer evaluations; B = N bit-identical to the uncached run; and the
+adapter's σ mapping and output sign checked against what the sampler really does, both in a plain run
+and through the hook's estimator (a wrong sign or a reversed time fails these, Z-Image included).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import run_cli
+from PIL import Image
+from tiny import ForwardCounter
+from tiny_models import TINY_MODELS, TinyModel
+
+from meancache_cli import Schedule, apply_meancache, remove_meancache
+from meancache_cli.core.estimator import mean_velocity
+from meancache_cli.generate import generate
+from meancache_cli.models.adapters import adapter_for
+from meancache_cli.models.registry import load_pipeline, resolve_model
+from meancache_cli.models.schedulers import SchedulerSwapWarning
+from meancache_cli.outputs import can_write_mp4, read_provenance
+
+N = 6
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module", params=list(TINY_MODELS))
+def tiny(request, tmp_path_factory):
+    """(model, saved pipeline directory, pipeline loaded back by `load_pipeline`, warnings while loading)."""
+    model: TinyModel = TINY_MODELS[request.param]
+    directory = tmp_path_factory.mktemp(model.name)
+    model.build().save_pretrained(directory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline(resolve_model(str(directory)))
+    swaps = [w for w in caught if issubclass(w.category, SchedulerSwapWarning)]
+    return model, str(directory), pipe, swaps
+
+
+def cli_options(model: TinyModel) -> list[str]:
+    """The model's fast-run settings as command-line options (sequence lengths stay the pipeline's)."""
+    names = {"height": "--height", "width": "--width", "num_frames": "--frames", "guidance_scale": "--guidance-scale",
+             "true_cfg_scale": "--true-cfg-scale", "negative_prompt": "--negative-prompt"}
+    return [part for key, value in model.call.items() if key in names for part in (names[key], str(value))]
+
+
+def run(pipe, model: TinyModel, schedule: Schedule | None = None, guidance: bool = True, **kwargs):
+    call = {**model.call, **({} if guidance else model.no_guidance), "num_inference_steps": N, **kwargs}
+    return generate(pipe, PROMPT, 3, call, schedule, output_type="np")
+
+
+def test_cli_calibrate_plan_generate(tiny, capsys, tmp_path) -> None:
+    model, directory, _, _ = tiny
+    options = cli_options(model)
+    calibration = tmp_path / "cal.safetensors"
+    calibrated = run_cli(["calibrate", "--model", directory, "--prompt", PROMPT, "--prompt", "a green star",
+                          "--seeds", "0", "--steps", str(N), "--kmax", "2", *options, "--out", str(calibration),
+                          "--json"], capsys)
+    assert calibrated.code == 0, calibrated.stderr
+    assert json.loads(calibrated.stdout)["trajectories"] == 2 * model.branches
+    schedule = tmp_path / "s.yaml"
+    planned = run_cli(["plan", "--calibration", str(calibration), "--budget", "3", "--out", str(schedule)], capsys)
+    assert planned.code == 0, planned.stderr
+    out = tmp_path / ("video.gif" if model.frames else "image.png")
+    generated = run_cli(["generate", "--model", directory, "--schedule", str(schedule), "--prompt", PROMPT,
+                         *options, "--out", str(out), "--json"], capsys)
+    assert generated.code == 0, generated.stderr
+    summary = json.loads(generated.stdout)
+    assert summary["nfe"] == 3 * model.branches and summary["steps"] == N
+    size = (model.call["width"], model.call["height"])
+    with Image.open(out) as written:
+        assert written.size == size
+        assert getattr(written, "n_frames", 1) == (model.frames or 1)
+    assert read_provenance(out)["nfe"] == 3 * model.branches
+
+
+def test_exactly_budget_forwards_and_full_budget_is_bit_identical(tiny) -> None:
+    model, _, pipe, _ = tiny
+    counter = ForwardCounter(model.embedder(pipe.transformer))
+    cached = run(pipe, model, Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 2, 4], orders=[0, 1, 1]))
+    assert counter.calls == cached.nfe == 3 * model.branches
+    reference = run(pipe, model)
+    assert counter.calls == 3 * model.branches + N * model.branches
+    full = run(pipe, model, Schedule(model="tiny", num_inference_steps=N, compute_steps=list(range(N)), orders=[0] * N))
+    shape = (1, model.frames, 16, 16, 3) if model.frames else (1, 32, 32, 3)
+    assert np.asarray(reference.images).shape == shape
+    assert np.array_equal(np.asarray(full.images), np.asarray(reference.images))
+    assert not np.array_equal(np.asarray(cached.images), np.asarray(reference.images))
+
+
+class CallRecorder:
+    """A plain PyTorch forward hook on the transformer: the latents, timestep and output of every call."""
+
+    def __init__(self, pipe) -> None:
+        self.adapter = adapter_for(pipe.transformer)
+        self.signature = inspect.signature(pipe.transformer.forward)
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.handle = pipe.transformer.register_forward_hook(self._record, with_kwargs=True)
+
+    @staticmethod
+    def _tensor(value) -> torch.Tensor:
+        return torch.stack(list(value)) if isinstance(value, (list, tuple)) else value
+
+    def _record(self, module, args, kwargs, output) -> None:
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        self.calls.append((self._tensor(bound[self.adapter.latents_arg]).detach().float().clone(),
+                           bound[self.adapter.timestep_arg].detach().clone(), self._tensor(sample).detach().float()))
+
+    def latents(self) -> list[torch.Tensor]:
+        self.handle.remove()
+        return [x for x, _, _ in self.calls]
+
+
+def sampler_velocity(latents: list[torch.Tensor], sigmas: torch.Tensor, m: int) -> torch.Tensor:
+    """The velocity the sampler really stepped with at step m: (x_{m+1} - x_m) / (σ_{m+1} - σ_m)."""
+    return (latents[m + 1] - latents[m]) / float(sigmas[m + 1] - sigmas[m])
+
+
+def test_adapter_sigma_and_sign_match_the_sampler(tiny) -> None:
+    """σ read from the timestep is the scheduler's σ, and output_sign · output is the Euler step's dx/dσ."""
+    model, _, pipe, _ = tiny
+    recorder = CallRecorder(pipe)
+    run(pipe, model, guidance=False)
+    latents, sigmas, adapter = recorder.latents(), pipe.scheduler.sigmas, recorder.adapter
+    assert len(recorder.calls) == N
+    for m, (_, timestep, output) in enumerate(recorder.calls):
+        assert adapter.sigma(timestep) == pytest.approx(float(sigmas[m]), abs=1e-5)
+        if m + 1 < N:
+            torch.testing.assert_close(sampler_velocity(latents, sigmas, m), adapter.output_sign * output,
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_hook_estimate_is_the_average_velocity_the_sampler_steps_with(tiny) -> None:
+    """Through the hook: the jump over edge 3→6 (K = 2) is û(3→6) built from sampler-measured velocities.
+
+    The reference step r = 1 lies inside the earlier edge 0→2, so the JVP term is not zero. Every velocity
+    below is measured from the latents the sampler produced, never from the adapter, so a wrong output sign
+    or a reversed time in the adapter breaks the equality.
+    """
+    model, _, pipe, _ = tiny
+    runs = []
+    for steps, orders in (([0, 2, 3], [0, 0, 2]), ([0, 2, 3, 4], [0, 0, 0, 0])):
+        recorder = CallRecorder(pipe)
+        run(pipe, model, Schedule(model="tiny", num_inference_steps=N, compute_steps=steps, orders=orders),
+            guidance=False)
+        runs.append(recorder.latents())
+    (x, x_alone), sigmas = runs, pipe.scheduler.sigmas.double()
+    x, x_alone = [v.double() for v in x], [v.double() for v in x_alone]
+    torch.testing.assert_close(x[3], x_alone[3], rtol=0, atol=0)  # same edges up to step 3
+    v0 = sampler_velocity(x, sigmas, 0)  # edge 0→2 with K = 0: every step of it moves with v_0
+    v3 = sampler_velocity(x_alone, sigmas, 3)  # the second run computes step 3 with K = 0
+    expected = mean_velocity(v3, float(sigmas[3]), float(sigmas[N]), x[3], x[1], v0, float(sigmas[1]))
+    torch.testing.assert_close(sampler_velocity(x, sigmas, 3), expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(sampler_velocity(x, sigmas, 4), expected, rtol=1e-3, atol=1e-3)
+    assert (expected - v3).abs().max() > 1e-2  # the JVP correction really is there
+
+
+def test_only_wan_needs_its_scheduler_swapped(tiny) -> None:
+    model, _, pipe, swaps = tiny
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    if model.name == "wan":
+        assert len(swaps) == 1 and "UniPCMultistepScheduler" in str(swaps[0].message)
+        assert pipe.scheduler.config.shift == 3.0
+    else:
+        assert swaps == []
+
+
+def test_local_directory_defaults_come_from_the_registered_family(tiny) -> None:
+    model, directory, _, _ = tiny
+    spec = resolve_model(directory)
+    family = resolve_model(model.name)
+    assert (spec.steps, spec.fps) == (family.steps, family.fps)
+    assert spec.pipeline_class == family.pipeline_class
+
+
+def test_video_to_mp4_or_gif_fallback(capsys, tmp_path) -> None:
+    model = TINY_MODELS["hunyuanvideo"]
+    directory = tmp_path / "hv"
+    model.build().save_pretrained(directory)
+    out = tmp_path / "clip.mp4"
+    result = run_cli(["generate", "--model", str(directory), "--no-cache", "--steps", "2", "--prompt", PROMPT,
+                      *cli_options(model), "--fps", "10", "--out", str(out), "--json"], capsys)
+    assert result.code == 0, result.stderr
+    written = Path(json.loads(result.stdout)["output"])
+    if can_write_mp4():
+        assert written == out and out.stat().st_size > 0
+    else:
+        assert written == out.with_suffix(".gif") and not out.exists()
+        assert "imageio-ffmpeg is not installed" in result.stderr
+        with Image.open(written) as gif:
+            assert gif.n_frames == model.frames and gif.info["duration"] == 100
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_weights_fail_in_one_line_naming_the_repo(capsys, tmp_path) -> None:
+    out = tmp_path / "o.png"
+    result = run_cli(["generate", "--model", "flux", "--prompt", "x", "--no-cache", "--out", str(out)], capsys)
+    assert result.code == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "black-forest-labs/FLUX.1-dev" in result.stderr and "--model /path/to/saved/pipeline" in result.stderr
+    assert not out.exists()
+
+
+def test_unsupported_local_pipeline_is_refused_before_loading(capsys, tmp_path) -> None:
+    """Only model_index.json exists: the refusal must come before any weight is read."""
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "CogVideoXPipeline", "transformer": ["diffusers", "CogVideoXTransformer3DModel"]}))
+    result = run_cli(["generate", "--model", str(tmp_path), "--prompt", "x", "--no-cache", "--out",
+                      str(tmp_path / "o.png")], capsys)
+    assert result.code == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "CogVideoXTransformer3DModel is not a supported flow-matching transformer" in result.stderr
+
+
+def test_frames_on_an_image_model_is_a_usage_error(capsys, tmp_path) -> None:
+    result = run_cli(["generate", "--model", "demo", "--no-cache", "--prompt", "a red circle", "--frames", "5",
+                      "--out", str(tmp_path / "o.png")], capsys)
+    assert result.code == 2 and "makes images, not videos" in result.stderr
+
+
+def test_cached_run_through_the_public_api_removes_cleanly(tiny) -> None:
+    """apply_meancache/remove_meancache on each family: the plain forward is restored."""
+    model, _, pipe, _ = tiny
+    apply_meancache(pipe, Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 3], orders=[0, 1]))
+    remove_meancache(pipe)
+    counter = ForwardCounter(model.embedder(pipe.transformer))
+    pipe(PROMPT, num_inference_steps=2, output_type="latent", **model.call)
+    assert counter.calls == 2 * model.branches
