@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from .core.planner import computed_run
 from .core.stability import COST_KINDS
 from .errors import FileFormatError
 
@@ -151,9 +152,13 @@ class Schedule:
             raise FileFormatError(
                 f"{source}: 'orders' has {len(orders)} entries but 'compute_steps' has {len(steps)}: one K per step"
             )
-        for t, k in zip(steps, orders):
-            if not 0 <= k <= t:
-                raise FileFormatError(f"{source}: 'orders' gives K={k} at step {t}; K must lie in 0…{t}")
+        for index, (t, k) in enumerate(zip(steps, orders)):
+            run = computed_run(steps, index)
+            if not 0 <= k <= run:
+                raise FileFormatError(
+                    f"{source}: 'orders' gives K={k} at step {t}, but only the {run} step(s) before it are computed: "
+                    f"K must lie in 0…{run}, the JVP reads only computed velocities"
+                )
         if self.edge_costs and len(self.edge_costs) != len(steps):
             raise FileFormatError(f"{source}: 'edge_costs' must have one entry per compute step")
         if self.cost not in COST_KINDS:

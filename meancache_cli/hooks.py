@@ -244,6 +244,7 @@ def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> MeanCacheHook
     """Make every later `pipe(...)` call run the cached sampler that `schedule` describes."""
     if not isinstance(schedule, Schedule):
         schedule = load_schedule(schedule)
+    schedule.validate("schedule")
     registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
     if registry.get_hook(MEANCACHE_HOOK) is not None:
         registry.remove_hook(MEANCACHE_HOOK, recurse=False)

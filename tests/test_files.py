@@ -27,7 +27,7 @@ def make_calibration(n: int = 6, kmax: int = 2) -> Calibration:
     )
 
 
-SCHEDULE = Schedule(model="demo", num_inference_steps=10, compute_steps=[0, 2, 5, 8], orders=[0, 1, 2, 1],
+SCHEDULE = Schedule(model="demo", num_inference_steps=10, compute_steps=[0, 1, 2, 6], orders=[0, 0, 2, 0],
                     gamma=0.5, cost="displacement", predicted_cost=0.25, edge_costs=[0.1, 0.2, 0.3, 0.1],
                     height=32, width=32, calibration={"path": "c.safetensors", "sha256": "ab" * 32})
 
@@ -37,7 +37,7 @@ def test_schedule_round_trips(tmp_path) -> None:
     save_schedule(SCHEDULE, path)
     assert load_schedule(path) == SCHEDULE
     text = path.read_text()
-    assert "compute_steps: [0, 2, 5, 8]" in text and text.startswith("format_version: 1\nkind: meancache-schedule")
+    assert "compute_steps: [0, 1, 2, 6]" in text and text.startswith("format_version: 1\nkind: meancache-schedule")
     assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
 
 
@@ -67,15 +67,16 @@ def edited(**changes) -> str:
 @pytest.mark.parametrize(("text", "message"), [
     (edited(compute_steps=[1, 2, 5, 8]), "'compute_steps' must start at step 0"),
     (edited(compute_steps=[0, 5, 2, 8]), "'compute_steps' must be strictly ascending"),
-    (edited(compute_steps=[0, 2, 5, 10]), "below num_inference_steps=10"),
+    (edited(compute_steps=[0, 1, 2, 10]), "below num_inference_steps=10"),
     (edited(orders=[0, 1, 2]), "'orders' has 3 entries but 'compute_steps' has 4"),
-    (edited(orders=[0, 3, 2, 1]), "'orders' gives K=3 at step 2"),
+    (edited(orders=[0, 0, 3, 0]), "'orders' gives K=3 at step 2, but only the 2 step"),
+    (edited(orders=[0, 0, 2, 1]), "'orders' gives K=1 at step 6, but only the 0 step"),
     (edited(budget=5), "'budget' is 5 but 'compute_steps' lists 4 steps"),
     (edited(gamma="high"), "'gamma' must be a number"),
     (edited(gamma=-1), "'gamma' must be a finite number ≥ 0"),
     (edited(cost="peak"), "'cost' must be one of displacement, velocity"),
     (edited(num_inference_steps=...), "the field 'num_inference_steps' is missing"),
-    (edited(compute_steps=[0, 2.5, 5, 8]), "'compute_steps' must be a list of integers"),
+    (edited(compute_steps=[0, 1.5, 2, 6]), "'compute_steps' must be a list of integers"),
     (edited(format_version=2), "format_version 2 is not supported"),
     (edited(kind="meancache-calibration"), "is a calibration, but a schedule is needed here"),
     ("compute_steps: [0, 1\n", "is not valid YAML at line"),

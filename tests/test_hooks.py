@@ -26,7 +26,8 @@ def schedule(steps: list[int], orders: list[int]) -> Schedule:
     return Schedule(model="tiny", num_inference_steps=N, compute_steps=steps, orders=orders)
 
 
-CACHED = schedule([0, 1, 3, 6, 9], [0, 1, 1, 2, 1])
+CACHED = schedule([0, 1, 2, 6, 7, 8], [0, 0, 2, 0, 1, 2])
+B = len(CACHED.compute_steps)
 
 
 def test_runs_exactly_budget_real_forwards(pipe) -> None:
@@ -36,9 +37,9 @@ def test_runs_exactly_budget_real_forwards(pipe) -> None:
         run(pipe)
     finally:
         remove_meancache(pipe)
-    assert counter.calls == 5
+    assert counter.calls == B
     run(pipe)
-    assert counter.calls == 5 + N
+    assert counter.calls == B + N
 
 
 def test_true_cfg_runs_budget_forwards_per_branch(pipe) -> None:
@@ -48,7 +49,7 @@ def test_true_cfg_runs_budget_forwards_per_branch(pipe) -> None:
         run(pipe, true_cfg_scale=3.0, negative_prompt="a black square on a white background")
     finally:
         remove_meancache(pipe)
-    assert counter.calls == 2 * 5
+    assert counter.calls == 2 * B
 
 
 @pytest.mark.parametrize("cfg", [{}, {"true_cfg_scale": 3.0, "negative_prompt": "a green star"}])
@@ -101,7 +102,7 @@ def test_every_step_of_an_edge_gets_the_estimated_average_velocity(pipe) -> None
         for m in range(t + 1, s):
             assert torch.equal(seen[m][1], returned)
             velocities[m] = returned
-    assert CACHED.orders != [0] * 5
+    assert max(CACHED.orders) == 2
 
 
 def test_schedule_for_other_step_count_is_refused(pipe) -> None:
@@ -112,7 +113,7 @@ def test_schedule_for_other_step_count_is_refused(pipe) -> None:
         # An aborted generation does not poison the next one.
         counter = ForwardCounter(pipe.transformer.x_embedder)
         run(pipe)
-        assert counter.calls == 5
+        assert counter.calls == B
     finally:
         remove_meancache(pipe)
 
@@ -125,7 +126,7 @@ def test_evaluation_counter_counts_only_real_forwards(pipe) -> None:
         run(pipe)
     finally:
         remove_meancache(pipe)
-    assert counter.evaluations - start == 5
+    assert counter.evaluations - start == B
 
 
 def test_recorder_keeps_one_trajectory_per_branch(pipe) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meancache_cli.core.planner import plan_path
+from meancache_cli.core.planner import computed_run, plan_path
 from meancache_cli.files import defined_edges
 
 
@@ -17,30 +17,55 @@ def random_costs(rng: np.random.Generator, n: int, kmax: int) -> np.ndarray:
     return costs
 
 
-def brute_force(costs: np.ndarray, budget: int, gamma: float, max_skip: int | None = None) -> float:
-    """Minimum objective over every path 0→N with `budget` edges and every order per edge."""
-    kmax, n = costs.shape[0] - 1, costs.shape[1] - 1
-    best = np.inf
+def usable_edge_costs(costs: np.ndarray, nodes: tuple[int, ...]) -> list[float]:
+    """Per edge of a path, its cheapest cost over the orders usable there.
+
+    An order K is usable at t only when the K steps before t were all computed.
+    """
+    kmax = costs.shape[0] - 1
+    return [
+        min((costs[k, a, b] for k in range(min(kmax, computed_run(list(nodes[:-1]), i)) + 1)
+             if not np.isnan(costs[k, a, b])), default=np.inf)
+        for i, (a, b) in enumerate(zip(nodes, nodes[1:]))
+    ]
+
+
+def paths(n: int, budget: int, max_skip: int | None = None):
     for inner in itertools.combinations(range(1, n), budget - 1):
         nodes = (0, *inner, n)
-        if max_skip is not None and any(b - a > max_skip for a, b in zip(nodes, nodes[1:])):
-            continue
-        total = 0.0
-        for a, b in zip(nodes, nodes[1:]):
-            options = [costs[k, a, b] for k in range(kmax + 1) if not np.isnan(costs[k, a, b])]
-            total += min(options) ** (1 + gamma) if options else np.inf
-        best = min(best, total)
-    return best
+        if max_skip is None or all(b - a <= max_skip for a, b in zip(nodes, nodes[1:])):
+            yield nodes
+
+
+def brute_force(costs: np.ndarray, budget: int, gamma: float, max_skip: int | None = None) -> float:
+    """Minimum objective over every path 0→N with `budget` edges and every usable order per edge."""
+    n = costs.shape[1] - 1
+    return min(sum(c ** (1 + gamma) for c in usable_edge_costs(costs, nodes))
+               for nodes in paths(n, budget, max_skip))
 
 
 def min_max(costs: np.ndarray, budget: int) -> float:
     """Smallest possible largest edge over paths with `budget` edges (LeMiCa's objective)."""
     n = costs.shape[1] - 1
-    edge = np.nanmin(np.where(np.isnan(costs), np.inf, costs), axis=0)
-    return min(
-        max(edge[a, b] for a, b in zip((0, *inner), (*inner, n)))
-        for inner in itertools.combinations(range(1, n), budget - 1)
-    )
+    return min(max(usable_edge_costs(costs, nodes)) for nodes in paths(n, budget))
+
+
+def test_computed_run_counts_consecutive_computed_steps() -> None:
+    steps = [0, 1, 2, 5, 6, 9]
+    assert [computed_run(steps, i) for i in range(len(steps))] == [0, 1, 2, 0, 1, 0]
+
+
+def test_orders_only_reach_back_over_computed_steps() -> None:
+    """A cheap K = 2 edge right after a skip is not usable: its history would be estimates, not evaluations."""
+    n = 6
+    costs = np.full((3, n + 1, n + 1), 1.0)
+    costs[~defined_edges(2, n)] = np.nan
+    costs[0, np.arange(n), np.arange(1, n + 1)] = 0.0
+    costs[2, 3, 6] = 0.01  # only usable if steps 1 and 2 are computed
+    path = plan_path(costs, 4, 0.0)
+    assert path.compute_steps == [0, 1, 2, 3] and path.orders == [0, 0, 0, 2]
+    assert path.objective == pytest.approx(0.01)
+    assert plan_path(costs, 2, 0.0).orders == [0, 0]
 
 
 def test_matches_brute_force_on_small_random_graphs() -> None:
@@ -116,5 +141,5 @@ def test_always_returns_a_valid_path_with_exactly_b_evaluations(
     assert len(path.compute_steps) == len(path.orders) == budget
     assert path.compute_steps[0] == 0 and all(b > a for a, b in zip(path.compute_steps, path.compute_steps[1:]))
     assert path.compute_steps[-1] < n
-    assert all(0 <= k <= min(kmax, t) for t, k in zip(path.compute_steps, path.orders))
+    assert all(0 <= k <= min(kmax, computed_run(path.compute_steps, i)) for i, k in enumerate(path.orders))
     assert np.isfinite(path.objective)
