@@ -257,8 +257,15 @@ app.command("schedule", help="Alias of plan.")(plan)
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Option("--prompt", help="The prompt.")],
-    out: Annotated[Path, typer.Option("--out", help="Image (.png, .jpg, .webp) or video (.mp4, .gif) to write.")],
+    out: Annotated[Path, typer.Option("--out", help="Image (.png, .jpg, .webp) or video (.mp4, .gif) to write; "
+                                      "a directory with --prompts.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The prompt.")] = None,
+    prompts: Annotated[Path | None, typer.Option(
+        "--prompts", help="File with one prompt per line: numbered outputs and manifest.jsonl in --out DIR.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per pipeline call with --prompts.")] = 1,
+    context_parallel: Annotated[int | None, typer.Option(
+        "--context-parallel", help="Split each generation across N GPUs (diffusers context parallelism, torchrun).")
+    ] = None,
     model: ModelOption = "demo",
     schedule: Annotated[str | None, typer.Option("--schedule", help="Schedule file, or - for stdin.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Run the uncached pipeline.")] = False,
@@ -280,6 +287,7 @@ def generate(
 ) -> None:
     """Generate an image or a video, running the model only at the schedule's compute steps."""
     from .calibrate import reference_run_kwargs
+    from .distributed import current_world
     from .files import load_schedule
     from .generate import check_schedule
     from .generate import generate as run_generation
@@ -290,15 +298,23 @@ def generate(
         raise UsageError("--schedule and --no-cache exclude each other: pass one")
     if schedule is None and not no_cache:
         raise UsageError("no schedule: pass --schedule FILE (from 'meancache plan') or --no-cache")
-    if repeat < 1:
-        raise UsageError(f"--repeat {repeat} is invalid: use 1 or more")
+    if (prompt is None) == (prompts is None):
+        raise UsageError("pass either --prompt TEXT (one output) or --prompts FILE (a directory of outputs)")
+    if repeat < 1 or batch_size < 1:
+        raise UsageError(f"--repeat {repeat} / --batch-size {batch_size} is invalid: use 1 or more")
     spec = resolve_model(model)
     check_frames(spec, frames)
     video = spec.fps is not None
-    check_output_path(out, video=video)
-    if video:
-        if fps is not None and fps < 1:
-            raise UsageError(f"--fps {fps} is invalid: use 1 or more")
+    if prompts is not None:
+        prompt_list = read_prompts([], prompts, [])
+        if not prompt_list:
+            raise UsageError(f"--prompts {prompts} holds no prompt: write one prompt per line")
+        check_batch_directory(out)
+    else:
+        check_output_path(out, video=video)
+    if fps is not None and fps < 1:
+        raise UsageError(f"--fps {fps} is invalid: use 1 or more")
+    if video and prompts is None:
         out, fallback = video_output_path(out)
         if fallback:
             warn(fallback)
@@ -310,8 +326,14 @@ def generate(
     if plan is not None:
         for message in check_schedule(plan, spec.name, steps, kwargs.get("height"), kwargs.get("width")):
             warn(message)
-    check_vocabulary(spec, [prompt])
-    spec, pipe = load_model(model, device, dtype, offload)
+    check_vocabulary(spec, [prompt] if prompts is None else prompt_list)
+    world = current_world()
+    spec, pipe = load_model(model, world.device(device), dtype, offload)
+    if context_parallel is not None:
+        enable_context_parallel(pipe, context_parallel, world)
+    if prompts is not None:
+        generate_batch(pipe, spec, prompt_list, seed, kwargs, plan, out, batch_size, world, fps, as_json)
+        return
     with progress_bar("generating", steps) as advance:
         result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance)
     provenance = {"model": spec.name, "prompt": prompt, "seed": seed, "steps": steps, "nfe": result.nfe,
@@ -329,6 +351,56 @@ def generate(
         text += (f"\nuncached: {summary['reference_nfe']} evaluations; speed-up {summary['speedup']:.2f}x "
                  f"(median of {repeat}); PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} vs uncached")
     emit(summary, as_json, text)
+
+
+def check_batch_directory(out: Path) -> None:
+    """A batch writes into a directory: it may exist (a resumed batch) or be created inside an existing one."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; with --prompts give a directory")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the directory {out.parent} does not exist; create it first")
+
+
+def generate_batch(pipe: Any, spec: Any, prompts: list[str], seed: int, kwargs: dict[str, Any], plan: Any,
+                   out: Path, batch_size: int, world: Any, fps: int | None, as_json: bool) -> None:
+    """Every prompt of a file into `out/`, split across torchrun ranks; existing outputs are skipped."""
+    from .batch import merge_manifests, plan_jobs, run_batch
+    from .outputs import save_image, save_video
+
+    out.mkdir(exist_ok=True)
+    jobs = plan_jobs(prompts, seed, out, ".gif" if spec.fps is not None else ".png")
+    provenance = {"model": spec.name, "steps": kwargs["num_inference_steps"]}
+
+    def save(item: Any, path: Path, record: dict[str, Any]) -> None:
+        if spec.fps is not None:
+            save_video(item, path, fps or spec.fps, {**provenance, **record})
+        else:
+            save_image(item, path, {**provenance, **record})
+
+    mine = [job for job in world.share(jobs) if not job.path.exists()]
+    with progress_bar(f"generating {len(mine)} outputs", len(mine), enabled=world.is_main) as advance:
+        done = run_batch(pipe, jobs, kwargs, plan, save, batch_size, world, on_image=advance)
+    world.barrier()
+    if not world.is_main:
+        return
+    records = merge_manifests(out, world.size)
+    summary = {"output": str(out), "manifest": str(out / "manifest.jsonl"), "prompts": len(prompts),
+               "generated": done, "skipped": len(world.share(jobs)) - done, "processes": world.size}
+    emit(summary, as_json, f"wrote {len(records)} outputs to {out} (manifest.jsonl); {done} generated here")
+
+
+def enable_context_parallel(pipe: Any, degree: int, world: Any) -> None:
+    """Split attention over `degree` GPUs with diffusers' context parallelism; MeanCache sits on top."""
+    import torch
+
+    if degree < 2 or degree != world.size:
+        raise UsageError(f"--context-parallel {degree} needs torchrun with exactly {degree} processes "
+                         f"(this run has {world.size})")
+    if not torch.cuda.is_available():
+        raise MeanCacheError("--context-parallel needs CUDA GPUs: diffusers' context parallelism runs on accelerators")
+    from diffusers import ContextParallelConfig
+
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
 
 
 def compare_with_uncached(pipe: Any, prompt: str, seed: int, kwargs: dict[str, Any], plan: Any, image: Any,
