@@ -26,6 +26,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/meancache bench --model demo --out docs/bench
+
 lint: install
 	$(BIN)/ruff check meancache_cli tests
 

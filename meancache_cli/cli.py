@@ -354,9 +354,9 @@ def generate(
 
 
 def check_batch_directory(out: Path) -> None:
-    """A batch writes into a directory: it may exist (a resumed batch) or be created inside an existing one."""
+    """An output directory may exist (a resumed batch) or be created inside an existing one."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; with --prompts give a directory")
+        raise UsageError(f"--out {out} is a file; give a directory")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the directory {out.parent} does not exist; create it first")
 
@@ -423,6 +423,35 @@ def compare_with_uncached(pipe: Any, prompt: str, seed: int, kwargs: dict[str, A
     return {"reference_nfe": reference.nfe, "reference_seconds": uncached, "cached_seconds": cached,
             "speedup": uncached / cached, "psnr": statistics.mean(psnr(a, b) for a, b in pairs),
             "ssim": statistics.mean(ssim(a, b) for a, b in pairs)}
+
+
+@app.command()
+def bench(
+    model: ModelOption = "demo",
+    quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few prompts, B = 10, one timing run.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Directory for results.json and figures.")] = Path("docs/bench"),
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Markdown report (default docs/benchmarks.md for --out docs/bench, else OUT/).")] = None,
+    budgets: Annotated[str | None, typer.Option(help="Comma-separated budgets B (default 8,10,13,17,25).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps N (model default if omitted).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed runs per method (default 3, quick 1).")] = None,
+    device: DeviceOption = "cpu",
+    as_json: JsonOption = False,
+) -> None:
+    """Benchmark MeanCache against every peer on one model, prompts and seeds, in one process."""
+    import shlex
+
+    from .bench.__main__ import parse_budgets, run_with_progress
+    from .bench.runner import default_report_path
+
+    check_batch_directory(out)
+    out.mkdir(exist_ok=True)
+    report = report or default_report_path(out)
+    command = "meancache " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    results = run_with_progress(model, quick, out, report, command=command, console=stderr,
+                                budgets=parse_budgets(budgets), steps=steps, repeats=repeats, device=device)
+    emit({"report": str(report), "out": str(out), "budgets": sorted(results.get("budgets", []))}, as_json,
+         f"wrote {report} and {out}/")
 
 
 @app.command("inspect")
