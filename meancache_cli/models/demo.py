@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
 from PIL import Image, ImageDraw
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+if TYPE_CHECKING:  # diffusers/transformers are imported lazily: they add over a second to CLI start-up
+    from diffusers import FluxPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -127,6 +131,8 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_clip_tokenizer() -> CLIPTokenizer:
     """CLIP BPE tokenizer over the demo vocabulary; BOS=0, EOS=pad=1 (EOS must not be 2, see CLIPTextModel)."""
+    from transformers import CLIPTokenizer
+
     vocab, merges = _clip_vocab_and_merges()
     return CLIPTokenizer(
         vocab=vocab,
@@ -141,6 +147,8 @@ def build_clip_tokenizer() -> CLIPTokenizer:
 
 def build_t5_tokenizer() -> T5Tokenizer:
     """T5 Unigram tokenizer whose pieces are the ``▁word`` forms of the demo vocabulary."""
+    from transformers import T5Tokenizer
+
     vocab = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), *((f"▁{word}", -1.0) for word in VOCABULARY)]
     return T5Tokenizer(
         vocab=vocab,
@@ -154,6 +162,8 @@ def build_t5_tokenizer() -> T5Tokenizer:
 
 def build_clip_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
     """Frozen, randomly initialised one-layer CLIP text encoder; its pooled EOS state conditions FLUX."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN_SIZE,
@@ -172,6 +182,8 @@ def build_clip_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
 
 def build_t5_encoder(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
     """Frozen, randomly initialised one-layer T5 encoder; its token states feed FLUX's joint attention."""
+    from transformers import T5Config, T5EncoderModel
+
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=TEXT_HIDDEN_SIZE,
@@ -191,8 +203,13 @@ def build_t5_encoder(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
 
 
 def load_demo_pipeline(torch_dtype: torch.dtype = torch.float32) -> FluxPipeline:
-    """Load the shipped demo pipeline from the package folder, never touching the network."""
-    return FluxPipeline.from_pretrained(DEMO_DIR, torch_dtype=torch_dtype, local_files_only=True)
+    """Load the shipped demo pipeline (fp16 on disk) from the package folder, never touching the network."""
+    from diffusers import FluxPipeline
+
+    with warnings.catch_warnings():
+        # newer diffusers prefer `dtype=` and warn about `torch_dtype=`, which older releases need.
+        warnings.simplefilter("ignore", FutureWarning)
+        return FluxPipeline.from_pretrained(DEMO_DIR, torch_dtype=torch_dtype, local_files_only=True)
 
 
 def dominant_colours(image: Image.Image | np.ndarray) -> tuple[str, str]:
