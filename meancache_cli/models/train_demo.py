@@ -53,7 +53,7 @@ class Budget:
     flow_batch: int
 
 
-FULL = Budget(images=32768, vae_steps=1200, vae_batch=32, flow_steps=6500, flow_batch=64)
+FULL = Budget(images=32768, vae_steps=1200, vae_batch=32, flow_steps=5000, flow_batch=64)
 QUICK = Budget(images=1024, vae_steps=40, vae_batch=32, flow_steps=40, flow_batch=32)
 
 
