@@ -441,7 +441,7 @@ def bench(
     """Benchmark MeanCache against every peer on one model, prompts and seeds, in one process."""
     import shlex
 
-    from .bench.__main__ import parse_budgets, run_with_progress
+    from .bench.progress import parse_budgets, run_with_progress
     from .bench.runner import default_report_path
 
     check_batch_directory(out)

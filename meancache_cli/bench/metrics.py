@@ -39,3 +39,25 @@ def ssim(image: object, reference: object, window: int = 11, sigma: float = 1.5)
     c1, c2 = 0.01**2, 0.03**2
     index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return float(index.mean())
+
+
+PSNR_CAP = 100.0
+
+
+def frames_of(item: object) -> list[object]:
+    """The frames of one output: a video (list of frames or a 4-D array) or a single image."""
+    if isinstance(item, (list, tuple)):
+        return list(item)
+    array = np.asarray(item)
+    return list(array) if array.ndim == 4 else [item]
+
+
+def compare(item: object, reference: object) -> tuple[float, float]:
+    """(PSNR, SSIM) of one image or video against its reference, averaged per frame.
+
+    PSNR is capped at `PSNR_CAP` dB so identical outputs average to a finite number.
+    """
+    pairs = list(zip(frames_of(item), frames_of(reference), strict=True))
+    psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in pairs]
+    ssims = [ssim(a, b) for a, b in pairs]
+    return float(np.mean(psnrs)), float(np.mean(ssims))

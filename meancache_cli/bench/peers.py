@@ -1,0 +1,281 @@
+"""Every method the bench compares, each a small object that installs itself on a pipeline and undoes it.
+
+All methods run on the same pipeline object, one after the other: schedule-based ones through a
+transformer hook (MeanCache's own, or the authors' per-step estimator), fewer-step solvers by swapping
+the scheduler for the call, diffusers' caches through `transformer.enable_cache` / `disable_cache`.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..files import Schedule
+from ..hooks import apply_meancache, remove_meancache
+from .authors import apply_authors_estimator, remove_authors_estimator
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    label: str
+    family: str
+    description: str
+
+
+METHODS: dict[str, MethodInfo] = {
+    "meancache": MethodInfo(
+        "MeanCache", "ours",
+        "planned schedule (displacement cost, γ = 0.5, Kmax = 5) from calibration set A, average velocity û_K(t→s)"),
+    "euler": MethodInfo("Euler (B steps)", "solver", "the pipeline's own Euler scheduler with num_inference_steps = B"),
+    "unipc": MethodInfo(
+        "UniPC (B steps)", "solver",
+        "UniPCMultistepScheduler (bh2, order 2, flow sigmas, same dynamic shift), num_inference_steps = B"),
+    "dpmpp": MethodInfo(
+        "DPM-Solver++ 2M (B steps)", "solver",
+        "DPMSolverMultistepScheduler (dpmsolver++, order 2, flow sigmas, same dynamic shift), num_inference_steps = B"),
+    "reuse": MethodInfo("velocity reuse (uniform)", "schedule",
+                        "model at every N/B-th step, its velocity reused until the next (uniform_schedule)"),
+    "planner_k0": MethodInfo("planner, K = 0", "schedule",
+                             "MeanCache's planner restricted to K = 0 (plain velocity reuse on planned steps)"),
+    "minmax": MethodInfo("min-max (LeMiCa-style)", "schedule",
+                         "leximax path over the same K = 0 edge costs: smallest largest edge, velocity reuse"),
+    "authors": MethodInfo(
+        "authors' estimator", "schedule",
+        "MeanCache's compute steps and orders, velocity re-estimated at every skipped step from a sliding "
+        "window (our reading of the authors' release)"),
+    "fbcache": MethodInfo("FirstBlockCache", "cache",
+                          "diffusers FirstBlockCacheConfig, threshold bisected to land near B full evaluations"),
+    "taylorseer": MethodInfo(
+        "TaylorSeer (lite)", "cache",
+        "diffusers TaylorSeerCacheConfig in lite mode (blocks skipped, output Taylor-extrapolated), interval "
+        "and warm-up chosen to give B full evaluations, order 1 or 2 picked on a calibration prompt"),
+    "magcache": MethodInfo(
+        "MagCache", "cache",
+        "diffusers MagCacheConfig with mag_ratios from its own calibration mode on calibration set A, "
+        "threshold bisected to land near B full evaluations"),
+}
+
+SCHEDULE_METHODS = ("meancache", "reuse", "planner_k0", "minmax", "authors")
+
+
+@dataclass
+class Method:
+    """One method at one budget: how to call the pipeline and what to install around the call."""
+
+    key: str
+    budget: int
+    steps: int
+    install: Callable[[Any], Callable[[], None]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def info(self) -> MethodInfo:
+        return METHODS[self.key]
+
+    @contextmanager
+    def applied(self, pipe: Any) -> Iterator[None]:
+        undo = self.install(pipe)
+        try:
+            yield
+        finally:
+            undo()
+
+
+def schedule_settings(schedule: Schedule) -> dict[str, Any]:
+    return {"compute_steps": list(schedule.compute_steps), "orders": list(schedule.orders)}
+
+
+def meancache_method(key: str, schedule: Schedule, **settings: Any) -> Method:
+    """A schedule run by MeanCache's own hook (K = 0 schedules are plain velocity reuse)."""
+
+    def install(pipe: Any) -> Callable[[], None]:
+        apply_meancache(pipe, schedule)
+        return lambda: remove_meancache(pipe)
+
+    return Method(key, schedule.budget, schedule.num_inference_steps, install,
+                  {**schedule_settings(schedule), **settings})
+
+
+def authors_method(schedule: Schedule) -> Method:
+    def install(pipe: Any) -> Callable[[], None]:
+        apply_authors_estimator(pipe, schedule)
+        return lambda: remove_authors_estimator(pipe)
+
+    return Method("authors", schedule.budget, schedule.num_inference_steps, install,
+                  {**schedule_settings(schedule), "windows": [max(k, 1) for k in schedule.orders]})
+
+
+def euler_method(budget: int) -> Method:
+    return Method("euler", budget, budget, lambda pipe: (lambda: None), {"num_inference_steps": budget})
+
+
+def solver_scheduler(kind: str, config: Any) -> Any:
+    """A multistep solver that samples the same flow-matching sigmas as the pipeline's Euler scheduler.
+
+    FluxPipeline hands `set_timesteps` no sigmas when `use_flow_sigmas` is set, and always `mu`: with
+    `use_dynamic_shifting` the solvers then apply the same resolution-dependent shift `exp(mu)`.
+    """
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    common = {
+        "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(config.get("shift", 1.0)),
+        "use_dynamic_shifting": bool(config.get("use_dynamic_shifting", False)), "time_shift_type": "exponential",
+        "solver_order": 2, "final_sigmas_type": "zero",
+    }
+    if kind == "unipc":
+        return UniPCMultistepScheduler.from_config(config, **common, solver_type="bh2")
+    if kind == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(config, **common, algorithm_type="dpmsolver++")
+    raise ValueError(f"unknown solver {kind!r}")
+
+
+def solver_method(kind: str, budget: int) -> Method:
+    def install(pipe: Any) -> Callable[[], None]:
+        original = pipe.scheduler
+        pipe.scheduler = solver_scheduler(kind, original.config)
+
+        def undo() -> None:
+            pipe.scheduler = original
+
+        return undo
+
+    return Method(kind, budget, budget, install, {"num_inference_steps": budget, "solver_order": 2})
+
+
+def cache_method(key: str, budget: int, steps: int, config: Any, **settings: Any) -> Method:
+    """One of diffusers' cache hooks, enabled on the transformer for the call."""
+
+    def install(pipe: Any) -> Callable[[], None]:
+        pipe.transformer.enable_cache(config)
+        return pipe.transformer.disable_cache
+
+    return Method(key, budget, steps, install, settings)
+
+
+def fbcache_method(budget: int, steps: int, threshold: float) -> Method:
+    from diffusers import FirstBlockCacheConfig
+
+    return cache_method("fbcache", budget, steps, FirstBlockCacheConfig(threshold=threshold), threshold=threshold)
+
+
+def taylorseer_nfe(steps: int, interval: int, warmup: int) -> int:
+    """Full evaluations of diffusers' TaylorSeer hook: warm-up steps, then every `interval`-th step
+    (its rule: compute when `step < warmup` or `(step − warmup − 1) % interval == 0`)."""
+    return sum(1 for s in range(steps) if s < warmup or (s - warmup - 1) % interval == 0)
+
+
+def taylorseer_schedule(steps: int, budget: int, default_warmup: int = 3) -> tuple[int, int]:
+    """(interval, warm-up) giving exactly `budget` full evaluations, warm-up nearest diffusers' default 3,
+    then the smallest interval; the nearest NFE when no pair is exact."""
+    candidates = [
+        (abs(taylorseer_nfe(steps, interval, warmup) - budget), abs(warmup - default_warmup), interval, warmup)
+        for warmup in range(1, max(2, budget))
+        for interval in range(1, steps + 1)
+    ]
+    _, _, interval, warmup = min(candidates)
+    return interval, warmup
+
+
+def taylorseer_method(budget: int, steps: int, order: int = 1) -> Method:
+    from diffusers import TaylorSeerCacheConfig
+
+    interval, warmup = taylorseer_schedule(steps, budget)
+    config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup, max_order=order,
+                                   taylor_factors_dtype=torch.float32, use_lite_mode=True)
+    return cache_method("taylorseer", budget, steps, config, cache_interval=interval,
+                        disable_cache_before_step=warmup, max_order=order, use_lite_mode=True)
+
+
+def magcache_limits(steps: int, budget: int) -> tuple[float, int]:
+    """(retention_ratio, max_skip_steps) for a budget.
+
+    MagCache's default keeps the first 20% of N steps uncached, which alone exceeds B ≤ 10 of 50; the
+    bench keeps the first 20% of the budget instead and lets up to twice the mean gap N/B be skipped.
+    """
+    retained = max(1, round(0.2 * budget))
+    return retained / steps, 2 * math.ceil(steps / budget)
+
+
+def magcache_method(budget: int, steps: int, threshold: float, ratios: list[float]) -> Method:
+    from diffusers import MagCacheConfig
+
+    retention, max_skip = magcache_limits(steps, budget)
+    config = MagCacheConfig(threshold=threshold, max_skip_steps=max_skip, retention_ratio=retention,
+                            num_inference_steps=steps, mag_ratios=torch.tensor(ratios))
+    return cache_method("magcache", budget, steps, config, threshold=threshold, max_skip_steps=max_skip,
+                        retention_ratio=retention)
+
+
+def parse_mag_ratios(text: str) -> list[float]:
+    """The ratios MagCache's calibration mode prints (its only output of them) from captured stdout."""
+    lines = [line.strip() for line in text.splitlines()]
+    for index, line in enumerate(lines):
+        if "Calibration Complete" in line:
+            for candidate in lines[index + 1:]:
+                if candidate.startswith("["):
+                    return [float(value) for value in ast.literal_eval(candidate)]
+    raise ValueError("MagCache's calibration mode printed no ratios: this diffusers version reports them differently")
+
+
+def calibrate_mag_ratios(pipe: Any, pairs: list[tuple[str, int]], call_kwargs: dict[str, Any], steps: int,
+                         advance: Callable[[], None]) -> list[float]:
+    """Mean of the ratios MagCache's own calibration mode measures on each (prompt, seed).
+
+    Its report goes to stdout, which the bench keeps clean: it is captured and parsed here.
+    """
+    from diffusers import MagCacheConfig
+
+    runs = []
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    try:
+        for prompt, seed in pairs:
+            captured = io.StringIO()
+            with redirect_stdout(captured):
+                pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                     **{**call_kwargs, "num_inference_steps": steps})
+            runs.append(parse_mag_ratios(captured.getvalue()))
+            advance()
+    finally:
+        pipe.transformer.disable_cache()
+    return [float(value) for value in np.mean(np.array(runs), axis=0)]
+
+
+class FullEvaluationCounter:
+    """Counts full model evaluations the same way for every method.
+
+    A forward pre-hook on the first sub-module of the transformer's last block: the block-level caches
+    (FirstBlockCache, MagCache, TaylorSeer-lite) still call the block module when they skip it and
+    return cached tensors from their hook, so a hook on the block itself would count skipped steps;
+    its inner modules run only when the whole model really runs.
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        block = last_block(transformer)
+        self.probe = next(module for module in block.children() if any(True for _ in module.parameters()))
+        self.count = 0
+        self.handle = self.probe.register_forward_pre_hook(self._count)
+
+    def _count(self, module: torch.nn.Module, args: tuple) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def last_block(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The last transformer block in execution order (Flux: `single_transformer_blocks[-1]`)."""
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    lists = [module for name, module in transformer.named_children()
+             if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(module, torch.nn.ModuleList) and len(module)]
+    if not lists:
+        raise ValueError(f"{type(transformer).__name__} has no transformer block list to count evaluations on")
+    return lists[-1][-1]

@@ -1,0 +1,255 @@
+"""The benchmark: its pure parts (min-max DP, the authors' per-step estimator, searches) and one quick run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers.hooks import HookRegistry
+
+from meancache_cli.bench.authors import AUTHORS_HOOK, AuthorsEstimatorHook, authors_velocity, windows_for
+from meancache_cli.bench.minmax import minmax_path
+from meancache_cli.bench.peers import METHODS, parse_mag_ratios, taylorseer_nfe, taylorseer_schedule
+from meancache_cli.bench.search import bisect_threshold
+from meancache_cli.files import Schedule
+from meancache_cli.models.adapters import ModelAdapter
+from meancache_cli.models.demo import DEMO_DIR
+
+
+def _random_costs(rng: np.random.Generator, n: int, integer: bool) -> np.ndarray:
+    costs = np.full((n + 1, n + 1), np.nan)
+    for t in range(n):
+        for s in range(t + 1, n + 1):
+            costs[t, s] = float(rng.integers(0, 5)) if integer else rng.random()
+    return costs
+
+
+def _paths(n: int, budget: int):
+    for inner in itertools.combinations(range(1, n), budget - 1):
+        yield [0, *inner, n]
+
+
+@pytest.mark.parametrize("integer", [False, True], ids=["distinct-costs", "tied-costs"])
+def test_minmax_path_matches_brute_force(integer: bool) -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(120):
+        n = int(rng.integers(2, 8))
+        budget = int(rng.integers(1, n + 1))
+        costs = _random_costs(rng, n, integer)
+        path = minmax_path(costs, budget)
+        assert path.compute_steps[0] == 0 and len(path.compute_steps) == budget and path.orders == [0] * budget
+        vectors = [tuple(sorted((costs[a, b] for a, b in zip(p, p[1:])), reverse=True)) for p in _paths(n, budget)]
+        assert path.objective == min(v[0] for v in vectors)  # the smallest largest edge
+        assert tuple(sorted(path.edge_costs, reverse=True)) == min(vectors)  # and leximax among those
+
+
+def test_minmax_path_uses_k0_of_a_planner_cost_array_and_checks_the_budget() -> None:
+    costs = np.stack([_random_costs(np.random.default_rng(1), 6, False), np.zeros((7, 7))])
+    assert minmax_path(costs, 3) == minmax_path(costs[0], 3)
+    with pytest.raises(ValueError, match="budget"):
+        minmax_path(costs, 7)
+
+
+def test_authors_velocity_formula() -> None:
+    x_r, v_r, x_m = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.2])
+    sigma_r, sigma_m, sigma_next, v_prev = 1.0, 0.6, 0.5, torch.tensor([3.0])
+    jvp = ((0.2 - 1.0) / (0.6 - 1.0) - 2.0) / (0.6 - 1.0)  # (u(r→m) − v_r) / (σ_m − σ_r)
+    expected = 3.0 + (0.5 - 0.6) * jvp
+    got = authors_velocity(v_prev, x_r, v_r, x_m, sigma_r, sigma_m, sigma_next)
+    assert got.item() == pytest.approx(expected)
+    # Window 1: one Euler step's average velocity is the velocity it used, so the estimate is plain reuse.
+    x_prev = torch.tensor([0.7])
+    x_now = x_prev + (0.6 - 0.7) * v_prev
+    assert torch.allclose(authors_velocity(v_prev, x_prev, v_prev, x_now, 0.7, 0.6, 0.5), v_prev)
+
+
+class _Toy(torch.nn.Module):
+    """A 'transformer' with a nonlinear velocity field; FLUX-like signature and tuple output."""
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False) -> tuple:
+        sigma = timestep.reshape(-1, *([1] * (hidden_states.dim() - 1)))
+        return (torch.sin(3 * hidden_states) * (1 + sigma) - hidden_states**2,)
+
+
+def _release_loop(velocity, x: torch.Tensor, sigmas: list[float], compute: list[int], windows: list[int]):
+    """The release's denoising loop as we read it, with its log lists (independent of the hook)."""
+    n = len(sigmas) - 1
+    edge_window = [0] * n
+    for start, end, window in zip(compute, [*compute[1:], n], windows):
+        edge_window[start:end] = [window] * (end - start)
+    log = {"latents_pre": [], "sigmas_pre": [], "sigmas": [], "v": [], "latents": []}
+    for i in range(n):
+        if i in compute:
+            v = velocity(x, sigmas[i])
+        else:
+            length = len(log["v"])
+            i0, i1 = length - min(edge_window[i - 1], length), length - 1
+            denom = log["sigmas"][i1] - log["sigmas_pre"][i0]
+            avg_u = (log["latents"][i1] - log["latents_pre"][i0]) / denom
+            jvp = (log["v"][i0] - avg_u) / denom
+            v = log["v"][-1] - jvp * (sigmas[i + 1] - sigmas[i])
+        log["latents_pre"].append(x)
+        log["sigmas_pre"].append(sigmas[i])
+        log["sigmas"].append(sigmas[i + 1])
+        log["v"].append(v)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        log["latents"].append(x)
+    return x
+
+
+def test_authors_hook_matches_the_release_loop_step_by_step() -> None:
+    n = 20
+    sigmas = torch.linspace(1.0, 0.0, n + 1)
+    schedule = Schedule(model="toy", num_inference_steps=n, compute_steps=[0, 1, 2, 6, 11, 15],
+                        orders=[0, 1, 2, 0, 3, 1])
+    module = _Toy()
+    hook = AuthorsEstimatorHook(schedule, ModelAdapter(), lambda: sigmas)
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, AUTHORS_HOOK)
+    x0 = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
+    calls = {"model": 0}
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        calls["model"] += 1
+        return _Toy.forward(module, x, torch.tensor(sigma).expand(len(x)))[0]
+
+    expected = _release_loop(velocity, x0.clone(), sigmas.tolist(), schedule.compute_steps,
+                             [windows_for(schedule)[t] for t in schedule.compute_steps])
+    for _ in range(2):  # a second generation starts the schedule again from step 0
+        x = x0.clone()
+        for i in range(n):
+            x = x + (sigmas[i + 1] - sigmas[i]) * module(hidden_states=x, timestep=sigmas[i].expand(2))[0]
+        assert torch.allclose(x, expected, atol=1e-5)
+    assert calls["model"] == schedule.budget
+
+
+def test_taylorseer_schedule_gives_exact_budgets() -> None:
+    for budget in (5, 8, 10, 13, 17, 25):
+        interval, warmup = taylorseer_schedule(50, budget)
+        assert taylorseer_nfe(50, interval, warmup) == budget
+
+
+def test_parse_mag_ratios_reads_magcache_calibration_output() -> None:
+    text = ("\n[MagCache] Calibration Complete. Copy these values to MagCacheConfig(mag_ratios=...):\n"
+            "[1.0, 0.98, 1.02]\n\n")
+    assert parse_mag_ratios(text) == [1.0, 0.98, 1.02]
+    with pytest.raises(ValueError):
+        parse_mag_ratios("nothing here")
+
+
+def test_bisect_threshold_lands_on_the_budget_and_keeps_progress_exact() -> None:
+    ticks = []
+    threshold, probes = bisect_threshold(lambda t: max(1, round(50 / (1 + 40 * t))), 10, 1e-3, 4.0, 12,
+                                         lambda: ticks.append(1))
+    assert round(50 / (1 + 40 * threshold)) == 10
+    assert len(ticks) == 12 and len(probes) <= 12
+
+
+SCHEDULE_BASED = {"meancache", "euler", "unipc", "dpmpp", "reuse", "planner_k0", "minmax", "authors"}
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object, int, int]:
+    """One quick bench: on the demo model when it is present, else on the tiny random pipeline."""
+    from meancache_cli.bench import bench_units, run_bench
+
+    out = tmp_path_factory.mktemp("bench")
+    if (DEMO_DIR / "model_index.json").is_file():
+        options: dict = {"model": "demo"}
+    else:
+        from tiny import tiny_flux_pipeline
+
+        model_dir = tmp_path_factory.mktemp("tiny")
+        tiny_flux_pipeline().save_pretrained(model_dir)
+        options = {"model": str(model_dir), "height": 32, "width": 32, "prompt_set": "shapes",
+                   "call_kwargs": {"max_sequence_length": 16}}
+    ticks = []
+    results = run_bench(out_dir=out, quick=True, advance=lambda: ticks.append(1), **options)
+    return results, out, len(ticks), bench_units(quick=True, **options)
+
+
+def test_quick_bench_writes_every_output(quick_bench) -> None:
+    results, out, ticks, units = quick_bench
+    for name in ("results.json", "benchmarks.md", "pareto.png", "grid_B10.png"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())["budgets"] == [10]
+    assert ticks == units
+    assert not list(out.glob("*.tmp"))
+
+
+def test_quick_bench_budget_10_lands_every_method_near_10_evaluations(quick_bench) -> None:
+    results = quick_bench[0]
+    rows = {r["method"]: r for r in results["results"] if r["budget"] == 10}
+    assert set(rows) == set(METHODS)
+    for key, row in rows.items():
+        if key in SCHEDULE_BASED:
+            assert row["nfe_runs"] == [10] * len(row["nfe_runs"]), key
+        else:
+            assert abs(row["nfe"] - 10) <= 2, (key, row["nfe_runs"])
+        assert math.isfinite(row["psnr"]) and math.isfinite(row["ssim"]) and row["speedup"] > 0
+    for table in ("kmax", "gamma", "cost", "transfer_prompts"):
+        assert all(math.isfinite(r["psnr"]) for r in results["ablations"][table])
+
+
+def test_quick_bench_report_names_the_peers_and_both_prompt_sets(quick_bench) -> None:
+    results, out = quick_bench[0], quick_bench[1]
+    report = (out / "benchmarks.md").read_text()
+    assert report.splitlines()[0].startswith("# ")
+    assert results["command"] in report
+    for method in METHODS.values():
+        assert method.label in report
+    for name in ("UniPC", "DPM-Solver++", "FirstBlockCache", "TaylorSeer", "MagCache", "LeMiCa", "Where a peer wins"):
+        assert name in report
+    prompts = results["prompts"]
+    assert not set(prompts["calibration_a"]["prompts"]) & set(prompts["evaluation"]["prompts"])
+    assert not set(prompts["calibration_a"]["seeds"]) & set(prompts["evaluation"]["seeds"])
+    for prompt in prompts["calibration_a"]["prompts"] + prompts["evaluation"]["prompts"]:
+        assert prompt in report
+
+
+def _row(method: str, budget: int, psnr: float, speedup: float) -> dict:
+    return {"method": method, "label": METHODS[method].label, "budget": budget, "psnr": psnr, "ssim": 0.9,
+            "speedup": speedup, "nfe": budget}
+
+
+def test_where_peers_win_names_the_peer_and_the_budget_from_the_numbers() -> None:
+    from meancache_cli.bench.report import where_peers_win
+
+    results = {"methods": {k: {"label": m.label, "family": m.family} for k, m in METHODS.items()}, "results": [
+        _row("meancache", 10, 30.0, 4.0), _row("unipc", 10, 31.0, 4.5), _row("euler", 10, 25.0, 4.6),
+        _row("meancache", 20, 35.0, 2.0), _row("unipc", 20, 34.0, 2.2), _row("euler", 20, 33.0, 2.3),
+    ]}
+    text = " ".join(where_peers_win(results))
+    assert "UniPC (B steps)** beats MeanCache in PSNR at 1 budget (B = 10: 31.00 vs 30.00 dB at 4.50× vs 4.00×)" in text
+    assert "better on both axes" in text
+    assert "Euler (B steps)** beats" not in text
+    assert "B = 20: +1.00 dB vs UniPC" in text
+    results["results"] = [r for r in results["results"] if r["method"] != "unipc"]
+    results["results"].append(_row("reuse", 10, 30.01, 4.0))  # a tie within 0.05 dB is not a win
+    assert "No peer beats MeanCache's mean PSNR" in " ".join(where_peers_win(results))
+
+
+def test_full_evaluation_counter_counts_real_evaluations_only() -> None:
+    from tiny import TINY_CALL, tiny_flux_pipeline
+
+    from meancache_cli.bench.peers import FullEvaluationCounter, fbcache_method, meancache_method
+    from meancache_cli.plan import uniform_schedule
+
+    pipe = tiny_flux_pipeline()
+    counter = FullEvaluationCounter(pipe.transformer)
+    block_calls = []
+    pipe.transformer.single_transformer_blocks[-1].register_forward_pre_hook(lambda *_: block_calls.append(1))
+    for method, expected in ((meancache_method("reuse", uniform_schedule("tiny", 12, 4)), 4),
+                             (fbcache_method(4, 12, 0.3), None)):
+        counter.count, block_calls[:] = 0, []
+        with method.applied(pipe):
+            pipe("a red circle", num_inference_steps=12, generator=torch.Generator().manual_seed(0),
+                 output_type="latent", **TINY_CALL)
+        if expected is not None:
+            assert counter.count == expected
+        else:  # FirstBlockCache calls the last block at every step, but runs it only when it recomputes
+            assert len(block_calls) == 12 and 1 <= counter.count < 12
+    counter.remove()
