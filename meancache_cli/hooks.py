@@ -39,7 +39,7 @@ def _stacked(sample: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(sample)) if isinstance(sample, (list, tuple)) else sample
 
 
-def _replace_output(output: Any, sample: torch.Tensor) -> Any:
+def replace_output(output: Any, sample: torch.Tensor) -> Any:
     """The transformer's output with its sample swapped, in the same structure (tuple or dataclass, list or tensor)."""
     old = output[0] if isinstance(output, tuple) else output.sample
     if isinstance(old, (list, tuple)):
@@ -49,11 +49,11 @@ def _replace_output(output: Any, sample: torch.Tensor) -> Any:
     return replace(output, sample=sample)
 
 
-def _output_sample(output: Any) -> torch.Tensor:
+def output_sample(output: Any) -> torch.Tensor:
     return _stacked(output[0] if isinstance(output, tuple) else output.sample)
 
 
-class _StepTracker:
+class StepTracker:
     """Turns the stream of transformer calls into (step, branch) pairs.
 
     A new timestep starts a new step; a σ above the previous one, or a step past the last, starts a
@@ -96,7 +96,7 @@ class _StepTracker:
         return restart
 
 
-class _ForwardArgs:
+class ForwardArgs:
     """Finds the latents and the timestep (named by the adapter) among a forward call's arguments."""
 
     def __init__(self, forward: Callable[..., Any], adapter: ModelAdapter) -> None:
@@ -169,13 +169,13 @@ class MeanCacheHook(ModelHook):
             )
         }
         self.window = max(schedule.orders)
-        self.tracker = _StepTracker(config.adapter, sigmas)
+        self.tracker = StepTracker(config.adapter, sigmas)
         self.sigmas = sigmas
         self.branches: list[BranchHistory] = []
         self.evaluations = 0
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.forward_args = _ForwardArgs(module.forward, self.config.adapter)
+        self.forward_args = ForwardArgs(module.forward, self.config.adapter)
         return module
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -205,8 +205,8 @@ class MeanCacheHook(ModelHook):
             self.evaluations += 1
             return self._start_edge(history, step, output)
         history.velocities[step] = history.edge_velocity
-        return _replace_output(history.output, (history.edge_velocity * self.config.adapter.output_sign).to(
-            _output_sample(history.output).dtype))
+        return replace_output(history.output, (history.edge_velocity * self.config.adapter.output_sign).to(
+            output_sample(history.output).dtype))
 
     def _start_generation(self) -> None:
         steps = len(self.sigmas()) - 1
@@ -222,7 +222,7 @@ class MeanCacheHook(ModelHook):
         """Run at a compute step: estimate `û_K(t→s)` from history, then keep only what later steps read."""
         order, end = self.edges[t]
         sign = self.config.adapter.output_sign
-        sample = _output_sample(output)
+        sample = output_sample(output)
         v_t = sample.float() * sign
         history.velocities[t] = v_t
         history.output = output
@@ -237,7 +237,7 @@ class MeanCacheHook(ModelHook):
             v_t, float(sigmas[t]), float(sigmas[end]), history.latents[t].float(),
             history.latents[r].float(), history.velocities[r], float(sigmas[r]),
         )
-        return _replace_output(output, (history.edge_velocity * sign).to(sample.dtype))
+        return replace_output(output, (history.edge_velocity * sign).to(sample.dtype))
 
 
 def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> MeanCacheHook:
@@ -275,12 +275,12 @@ class RecorderHook(ModelHook):
     def __init__(self, adapter: ModelAdapter, sigmas: SigmaSource) -> None:
         super().__init__()
         self.adapter = adapter
-        self.tracker = _StepTracker(adapter, sigmas)
+        self.tracker = StepTracker(adapter, sigmas)
         self.x0: list[torch.Tensor] = []
         self.velocities: list[list[torch.Tensor]] = []
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.forward_args = _ForwardArgs(module.forward, self.adapter)
+        self.forward_args = ForwardArgs(module.forward, self.adapter)
         return module
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -296,7 +296,7 @@ class RecorderHook(ModelHook):
         if branch == len(self.x0):
             self.x0.append(latents.detach().float().cpu())
             self.velocities.append([])
-        self.velocities[branch].append(_output_sample(output).detach().float().cpu() * self.adapter.output_sign)
+        self.velocities[branch].append(output_sample(output).detach().float().cpu() * self.adapter.output_sign)
         return output
 
     def trajectories(self) -> list[Trajectory]:

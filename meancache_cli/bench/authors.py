@@ -19,9 +19,7 @@ current step m for the release.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -30,6 +28,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from ..core.estimator import jvp_estimate
 from ..errors import ScheduleMismatchError
 from ..files import Schedule
+from ..hooks import BranchHistory, ForwardArgs, StepTracker, output_sample, replace_output
 from ..models.adapters import ModelAdapter, adapter_for
 
 AUTHORS_HOOK = "meancache_bench_authors_estimator"
@@ -47,57 +46,6 @@ def windows_for(schedule: Schedule) -> dict[int, int]:
     return {t: max(k, 1) for t, k in zip(schedule.compute_steps, schedule.orders)}
 
 
-def _as_tensor(sample: Any) -> torch.Tensor:
-    """A list of per-sample tensors as one batch tensor; a tensor as itself."""
-    return torch.stack(list(sample)) if isinstance(sample, (list, tuple)) else sample
-
-
-def _sample_of(output: Any) -> torch.Tensor:
-    return _as_tensor(output[0] if isinstance(output, tuple) else output.sample)
-
-
-def _with_sample(output: Any, sample: torch.Tensor) -> Any:
-    """`output` with its sample replaced, in the same structure (tuple or dataclass, list or tensor)."""
-    old = output[0] if isinstance(output, tuple) else output.sample
-    if isinstance(old, (list, tuple)):
-        sample = list(sample.unbind(0))
-    return (sample, *output[1:]) if isinstance(output, tuple) else replace(output, sample=sample)
-
-
-class _Steps:
-    """Step and guidance branch of each call: a new timestep is a new step, a σ above the last (or a
-    step past the schedule) a new generation, a repeated timestep another guidance branch."""
-
-    def __init__(self, adapter: ModelAdapter, steps: int) -> None:
-        self.adapter = adapter
-        self.steps = steps
-        self.reset()
-
-    def reset(self) -> None:
-        self.step, self.branch = -1, 0
-        self.timestep: torch.Tensor | None = None
-        self.sigma = float("inf")
-
-    def observe(self, timestep: Any) -> bool:
-        """Advance on one call; True when this call starts a new generation."""
-        timestep = torch.as_tensor(timestep)
-        if self.timestep is not None and torch.equal(timestep, self.timestep):
-            self.branch += 1
-            return False
-        sigma = self.adapter.sigma(timestep)
-        restart = self.step < 0 or sigma > self.sigma or self.step + 1 >= self.steps
-        self.step, self.branch = (0 if restart else self.step + 1), 0
-        self.timestep, self.sigma = timestep.detach().clone(), sigma
-        return restart
-
-
-@dataclass
-class _Branch:
-    latents: dict[int, torch.Tensor]
-    velocities: dict[int, torch.Tensor]
-    output: Any = None
-
-
 class AuthorsEstimatorHook(ModelHook):
     """Runs the transformer at the schedule's compute steps; at every other step re-estimates the
     velocity with `authors_velocity` from a sliding window over the latents and velocities so far."""
@@ -111,12 +59,12 @@ class AuthorsEstimatorHook(ModelHook):
         self.sigmas = sigmas
         self.windows = windows_for(schedule)
         self.depth = max(self.windows.values()) + 1
-        self.tracker = _Steps(adapter, schedule.num_inference_steps)
-        self.branches: list[_Branch] = []
+        self.tracker = StepTracker(adapter, sigmas)
+        self.branches: list[BranchHistory] = []
         self.window = 1
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.signature = inspect.signature(module.forward)
+        self.forward_args = ForwardArgs(module.forward, self.adapter)
         return module
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -132,8 +80,7 @@ class AuthorsEstimatorHook(ModelHook):
             raise
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
-        latents, timestep = _as_tensor(bound[self.adapter.latents_arg]), bound[self.adapter.timestep_arg]
+        latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self.branches = []
             if len(self.sigmas()) - 1 != self.schedule.num_inference_steps:
@@ -142,7 +89,7 @@ class AuthorsEstimatorHook(ModelHook):
                     f"{len(self.sigmas()) - 1}: call it with num_inference_steps={self.schedule.num_inference_steps}")
         m, branch = self.tracker.step, self.tracker.branch
         while len(self.branches) <= branch:
-            self.branches.append(_Branch({}, {}))
+            self.branches.append(BranchHistory())
         history = self.branches[branch]
         history.latents[m] = latents.float()
         for old in [step for step in history.latents if step < m - self.depth]:
@@ -150,7 +97,7 @@ class AuthorsEstimatorHook(ModelHook):
         if m in self.windows:
             self.window = self.windows[m]
             output = self.fn_ref.original_forward(*args, **kwargs)
-            history.velocities[m] = _sample_of(output).float() * self.adapter.output_sign
+            history.velocities[m] = output_sample(output).float() * self.adapter.output_sign
             history.output = output
             return output
         sigmas = self.sigmas()
@@ -160,8 +107,8 @@ class AuthorsEstimatorHook(ModelHook):
             float(sigmas[r]), float(sigmas[m]), float(sigmas[m + 1]),
         )
         history.velocities[m] = velocity
-        sample = _sample_of(history.output)
-        return _with_sample(history.output, (velocity * self.adapter.output_sign).to(sample.dtype))
+        sample = output_sample(history.output)
+        return replace_output(history.output, (velocity * self.adapter.output_sign).to(sample.dtype))
 
 
 def apply_authors_estimator(pipe: Any, schedule: Schedule) -> AuthorsEstimatorHook:
