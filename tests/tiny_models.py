@@ -9,7 +9,6 @@ one token, so a prompt reaches its text encoder as words (DESIGN.md §9).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,16 +72,6 @@ WORDS = sorted(
 )
 
 
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Apply BPE merges by rank to one piece, as the `tokenizers` BPE model does."""
-    while len(symbols) > 1:
-        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
-        if rank == math.inf:
-            break
-        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
-    return symbols
-
-
 def _word_bpe(alphabet: list[str], pieces: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A vocabulary of `alphabet` plus merges that turn each of `pieces` into one token.
 
@@ -92,7 +81,7 @@ def _word_bpe(alphabet: list[str], pieces: list[str]) -> tuple[dict[str, int], l
     ranks: dict[tuple[str, str], int] = {}
     merged: list[str] = []
     for piece in pieces:
-        while len(symbols := _bpe(list(piece), ranks)) > 1:
+        while len(symbols := demo.bpe_merge(list(piece), ranks)) > 1:
             ranks[symbols[0], symbols[1]] = len(ranks)
             merged.append(symbols[0] + symbols[1])
     vocab: dict[str, int] = {}

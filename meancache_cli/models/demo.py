@@ -97,7 +97,7 @@ def unknown_words(prompt: str) -> list[str]:
     return [word for word in re.findall(r"[a-z]+", prompt.lower()) if word not in VOCABULARY]
 
 
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply BPE merges by rank, as the ``tokenizers`` BPE model does, to one word."""
     while len(symbols) > 1:
         rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
@@ -119,7 +119,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     for word in VOCABULARY:
         symbols = [*word[:-1], word[-1] + "</w>"]
         pieces += symbols
-        while len(symbols := _bpe(symbols, ranks)) > 1:
+        while len(symbols := bpe_merge(symbols, ranks)) > 1:
             ranks[symbols[0], symbols[1]] = len(ranks)
             pieces.append(symbols[0] + symbols[1])
     ordered = [CLIP_BOS, CLIP_EOS, CLIP_UNK, *(w + "</w>" for w in VOCABULARY), *pieces]
