@@ -172,7 +172,6 @@ class MeanCacheHook(ModelHook):
         self.tracker = StepTracker(config.adapter, sigmas)
         self.sigmas = sigmas
         self.branches: list[BranchHistory] = []
-        self.evaluations = 0
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.forward_args = ForwardArgs(module.forward, self.config.adapter)
@@ -202,7 +201,6 @@ class MeanCacheHook(ModelHook):
         history.latents[step] = latents
         if step in self.edges:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            self.evaluations += 1
             return self._start_edge(history, step, output)
         history.velocities[step] = history.edge_velocity
         return replace_output(history.output, (history.edge_velocity * self.config.adapter.output_sign).to(
