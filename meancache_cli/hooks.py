@@ -118,6 +118,47 @@ class BranchHistory:
     output: Any = None
 
 
+class SamplerHook(ModelHook):
+    """Base of the hooks that follow the sampler: steps and guidance branches from each call's
+    timestep, a history per branch, and a clean state after every generation or aborted one."""
+
+    _is_stateful = True
+
+    def __init__(self, adapter: ModelAdapter, sigmas: SigmaSource) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.sigmas = sigmas
+        self.tracker = StepTracker(adapter, sigmas)
+        self.branches: list[BranchHistory] = []
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.forward_args = ForwardArgs(module.forward, self.adapter)
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.tracker.reset()
+        self.branches = []
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.sampler_forward(*args, **kwargs)
+        except BaseException:
+            # An aborted generation must not leak its history into the next one.
+            self.reset_state(module)
+            raise
+
+    def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The hook's own work for one transformer call."""
+        raise NotImplementedError
+
+    def branch_history(self) -> BranchHistory:
+        """The history of the branch the current call belongs to."""
+        while len(self.branches) <= self.tracker.branch:
+            self.branches.append(BranchHistory())
+        return self.branches[self.tracker.branch]
+
+
 class EvaluationCounterHook(ModelHook):
     """Counts transformer forwards that really run. Registered innermost, before any cache hook."""
 
@@ -151,14 +192,12 @@ class MeanCacheConfig:
     adapter: ModelAdapter
 
 
-class MeanCacheHook(ModelHook):
+class MeanCacheHook(SamplerHook):
     """Runs the transformer only at the schedule's compute steps and hands every step of an edge
     `t→s` the same average velocity `û_K(t→s)`, so the Euler steps compose to one jump."""
 
-    _is_stateful = True
-
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
-        super().__init__()
+        super().__init__(config.adapter, sigmas)
         self.config = config
         schedule = config.schedule
         self.edges = {
@@ -169,41 +208,19 @@ class MeanCacheHook(ModelHook):
             )
         }
         self.window = max(schedule.orders)
-        self.tracker = StepTracker(config.adapter, sigmas)
-        self.sigmas = sigmas
-        self.branches: list[BranchHistory] = []
 
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.forward_args = ForwardArgs(module.forward, self.config.adapter)
-        return module
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.tracker.reset()
-        self.branches = []
-        return module
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self._cached_forward(*args, **kwargs)
-        except BaseException:
-            # An aborted generation must not leak its history into the next one.
-            self.reset_state(module)
-            raise
-
-    def _cached_forward(self, *args: Any, **kwargs: Any) -> Any:
+    def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self._start_generation()
-        step, branch = self.tracker.step, self.tracker.branch
-        while len(self.branches) <= branch:
-            self.branches.append(BranchHistory())
-        history = self.branches[branch]
+        step = self.tracker.step
+        history = self.branch_history()
         history.latents[step] = latents
         if step in self.edges:
             output = self.fn_ref.original_forward(*args, **kwargs)
             return self._start_edge(history, step, output)
         history.velocities[step] = history.edge_velocity
-        return replace_output(history.output, (history.edge_velocity * self.config.adapter.output_sign).to(
+        return replace_output(history.output, (history.edge_velocity * self.adapter.output_sign).to(
             output_sample(history.output).dtype))
 
     def _start_generation(self) -> None:
@@ -219,7 +236,7 @@ class MeanCacheHook(ModelHook):
     def _start_edge(self, history: BranchHistory, t: int, output: Any) -> Any:
         """Run at a compute step: estimate `û_K(t→s)` from history, then keep only what later steps read."""
         order, end = self.edges[t]
-        sign = self.config.adapter.output_sign
+        sign = self.adapter.output_sign
         sample = output_sample(output)
         v_t = sample.float() * sign
         history.velocities[t] = v_t
@@ -265,27 +282,19 @@ class Trajectory:
     velocities: torch.Tensor
 
 
-class RecorderHook(ModelHook):
-    """Records `x_0` and `v_i` per branch during uncached reference runs (calibration)."""
+class RecorderHook(SamplerHook):
+    """Records `x_0` and `v_i` per branch during uncached reference runs (calibration).
 
-    _is_stateful = True
+    The recording outlives the hook's reset at the end of the pipeline call: it is cleared when the
+    next generation starts.
+    """
 
     def __init__(self, adapter: ModelAdapter, sigmas: SigmaSource) -> None:
-        super().__init__()
-        self.adapter = adapter
-        self.tracker = StepTracker(adapter, sigmas)
+        super().__init__(adapter, sigmas)
         self.x0: list[torch.Tensor] = []
         self.velocities: list[list[torch.Tensor]] = []
 
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.forward_args = ForwardArgs(module.forward, self.adapter)
-        return module
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.tracker.reset()
-        return module
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self.x0, self.velocities = [], []

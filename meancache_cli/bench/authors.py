@@ -23,12 +23,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import HookRegistry
 
 from ..core.estimator import jvp_estimate
 from ..errors import ScheduleMismatchError
 from ..files import Schedule
-from ..hooks import BranchHistory, ForwardArgs, StepTracker, output_sample, replace_output
+from ..hooks import SamplerHook, output_sample, replace_output
 from ..models.adapters import ModelAdapter, adapter_for
 
 AUTHORS_HOOK = "meancache_bench_authors_estimator"
@@ -46,40 +46,18 @@ def windows_for(schedule: Schedule) -> dict[int, int]:
     return {t: max(k, 1) for t, k in zip(schedule.compute_steps, schedule.orders)}
 
 
-class AuthorsEstimatorHook(ModelHook):
+class AuthorsEstimatorHook(SamplerHook):
     """Runs the transformer at the schedule's compute steps; at every other step re-estimates the
     velocity with `authors_velocity` from a sliding window over the latents and velocities so far."""
 
-    _is_stateful = True
-
     def __init__(self, schedule: Schedule, adapter: ModelAdapter, sigmas: Callable[[], torch.Tensor]) -> None:
-        super().__init__()
+        super().__init__(adapter, sigmas)
         self.schedule = schedule
-        self.adapter = adapter
-        self.sigmas = sigmas
         self.windows = windows_for(schedule)
         self.depth = max(self.windows.values()) + 1
-        self.tracker = StepTracker(adapter, sigmas)
-        self.branches: list[BranchHistory] = []
         self.window = 1
 
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.forward_args = ForwardArgs(module.forward, self.adapter)
-        return module
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.tracker.reset()
-        self.branches = []
-        return module
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self._forward(*args, **kwargs)
-        except BaseException:
-            self.reset_state(module)
-            raise
-
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+    def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self.branches = []
@@ -87,10 +65,8 @@ class AuthorsEstimatorHook(ModelHook):
                 raise ScheduleMismatchError(
                     f"the schedule has {self.schedule.num_inference_steps} steps but the pipeline runs "
                     f"{len(self.sigmas()) - 1}: call it with num_inference_steps={self.schedule.num_inference_steps}")
-        m, branch = self.tracker.step, self.tracker.branch
-        while len(self.branches) <= branch:
-            self.branches.append(BranchHistory())
-        history = self.branches[branch]
+        m = self.tracker.step
+        history = self.branch_history()
         history.latents[m] = latents.float()
         for old in [step for step in history.latents if step < m - self.depth]:
             del history.latents[old], history.velocities[old]
