@@ -4,9 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from meancache_cli.models import demo  # noqa: E402
 
@@ -36,19 +34,7 @@ def test_prompt_tokenizes_into_whole_words(pipe):
 
 
 def test_generations_follow_prompt_colours(pipe):
-    rng = np.random.default_rng(12345)
-    drawn = [demo.random_prompt(rng) for _ in range(40)]
-    with torch.no_grad():
-        images = pipe(
-            [prompt for prompt, *_ in drawn],
-            height=demo.HEIGHT,
-            width=demo.WIDTH,
-            num_inference_steps=50,
-            max_sequence_length=demo.MAX_SEQUENCE_LENGTH,
-            generator=torch.Generator().manual_seed(0),
-        ).images
-    hits = [demo.dominant_colours(image) == (fg, bg) for image, (_, _, fg, bg) in zip(images, drawn)]
-    rate = sum(hits) / len(hits)
+    rate = demo.colour_match_rate(pipe, 40, prompt_seed=12345, generator_seed=0)
     print(f"demo colour match rate: {rate:.0%}")
     assert rate >= 0.9
 

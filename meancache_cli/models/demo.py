@@ -227,3 +227,21 @@ def dominant_colours(image: Image.Image | np.ndarray) -> tuple[str, str]:
     others = Counter(labels[labels != background].tolist()).most_common(1)
     foreground = others[0][0] if others else background
     return names[foreground], names[background]
+
+
+@torch.no_grad()
+def colour_match_rate(pipe: FluxPipeline, n: int, prompt_seed: int, generator_seed: int) -> float:
+    """Share of `n` random-prompt generations whose dominant colours match their prompt (the demo's
+    quality measure, used by the training script and the tests)."""
+    rng = np.random.default_rng(prompt_seed)
+    drawn = [random_prompt(rng) for _ in range(n)]
+    images = pipe(
+        [prompt for prompt, *_ in drawn],
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=50,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        generator=torch.Generator().manual_seed(generator_seed),
+    ).images
+    hits = sum(dominant_colours(image) == (fg, bg) for image, (_, _, fg, bg) in zip(images, drawn))
+    return hits / n

@@ -232,23 +232,6 @@ def train_transformer(
     return ema.eval()
 
 
-@torch.no_grad()
-def colour_accuracy(pipe: FluxPipeline, n: int, seed: int) -> float:
-    """Share of generations whose dominant foreground/background colours match their prompt."""
-    rng = np.random.default_rng(seed)
-    drawn = [demo.random_prompt(rng) for _ in range(n)]
-    images = pipe(
-        [p for p, *_ in drawn],
-        height=demo.HEIGHT,
-        width=demo.WIDTH,
-        num_inference_steps=50,
-        max_sequence_length=demo.MAX_SEQUENCE_LENGTH,
-        generator=torch.Generator().manual_seed(seed),
-    ).images
-    hits = sum(demo.dominant_colours(image) == (fg, bg) for image, (_, _, fg, bg) in zip(images, drawn))
-    return hits / n
-
-
 def main(argv: list[str] | None = None) -> None:
     """Train every part, then save the whole pipeline (fp16 weights) with ``save_pretrained``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -281,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"VAE done after {time.time() - start:.0f}s")
     pipe.transformer = train_transformer(pipe, latents, prompt_ids, budget, generator)
     log(f"transformer done after {time.time() - start:.0f}s")
-    log(f"colour accuracy on 40 fresh prompts: {colour_accuracy(pipe, 40, SEED + 3):.0%}")
+    log(f"colour accuracy on 40 fresh prompts: {demo.colour_match_rate(pipe, 40, SEED + 3, SEED + 3):.0%}")
 
     shutil.rmtree(args.out, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
