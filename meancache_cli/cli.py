@@ -292,7 +292,7 @@ def generate(
     from .generate import check_schedule
     from .generate import generate as run_generation
     from .models.registry import resolve_model
-    from .outputs import check_output_path, save_image, save_video, video_output_path
+    from .outputs import check_output_folder, check_output_path, save_image, save_video, video_output_path
 
     if schedule is not None and no_cache:
         raise UsageError("--schedule and --no-cache exclude each other: pass one")
@@ -307,9 +307,7 @@ def generate(
     video = spec.fps is not None
     if prompts is not None:
         prompt_list = read_prompts([], prompts, [])
-        if not prompt_list:
-            raise UsageError(f"--prompts {prompts} holds no prompt: write one prompt per line")
-        check_batch_directory(out)
+        check_output_folder(out)
     else:
         check_output_path(out, video=video)
     if fps is not None and fps < 1:
@@ -351,14 +349,6 @@ def generate(
         text += (f"\nuncached: {summary['reference_nfe']} evaluations; speed-up {summary['speedup']:.2f}x "
                  f"(median of {repeat}); PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} vs uncached")
     emit(summary, as_json, text)
-
-
-def check_batch_directory(out: Path) -> None:
-    """An output directory may exist (a resumed batch) or be created inside an existing one."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a directory")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: the directory {out.parent} does not exist; create it first")
 
 
 def generate_batch(pipe: Any, spec: Any, prompts: list[str], seed: int, kwargs: dict[str, Any], plan: Any,
@@ -443,8 +433,9 @@ def bench(
 
     from .bench.progress import parse_budgets, run_with_progress
     from .bench.runner import default_report_path
+    from .outputs import check_output_folder
 
-    check_batch_directory(out)
+    check_output_folder(out)
     out.mkdir(exist_ok=True)
     report = report or default_report_path(out)
     command = "meancache " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -58,6 +58,19 @@ def check_output_directory(path: str | Path) -> Path:
     return path
 
 
+def check_output_folder(path: str | Path) -> Path:
+    """A folder of outputs may exist (a resumed batch) or be created inside an existing directory;
+    either way it must be writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file; give a directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {path}: the directory {path.parent} does not exist; create it first")
+    if not _writable(path if path.exists() else path.parent):
+        raise UsageError(f"--out {path} is not writable; choose another --out")
+    return path
+
+
 def _writable(directory: Path) -> bool:
     try:
         with tempfile.TemporaryFile(dir=directory):
