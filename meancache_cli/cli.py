@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
 import sys
 import warnings
 from contextlib import contextmanager
@@ -289,7 +288,7 @@ def generate(
     from .calibrate import reference_run_kwargs
     from .distributed import current_world
     from .files import load_schedule
-    from .generate import check_schedule
+    from .generate import check_schedule, compare_with_uncached
     from .generate import generate as run_generation
     from .models.registry import resolve_model
     from .outputs import check_output_folder, check_output_path, save_image, save_video, video_output_path
@@ -345,7 +344,9 @@ def generate(
         save_image(result.images[0], out, provenance)
     text = f"wrote {out}: {result.nfe} model evaluations for {steps} steps in {result.seconds:.2f} s"
     if compare and plan is not None:
-        summary.update(compare_with_uncached(pipe, prompt, seed, kwargs, plan, result.images[0], repeat))
+        with progress_bar("timing cached vs uncached", 2 * repeat + 1) as advance:
+            summary.update(compare_with_uncached(pipe, prompt, seed, kwargs, plan, result.images[0], repeat,
+                                                 on_run=advance))
         text += (f"\nuncached: {summary['reference_nfe']} evaluations; speed-up {summary['speedup']:.2f}x "
                  f"(median of {repeat}); PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} vs uncached")
     emit(summary, as_json, text)
@@ -391,28 +392,6 @@ def enable_context_parallel(pipe: Any, degree: int, world: Any) -> None:
     from diffusers import ContextParallelConfig
 
     pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
-
-
-def compare_with_uncached(pipe: Any, prompt: str, seed: int, kwargs: dict[str, Any], plan: Any, image: Any,
-                          repeat: int) -> dict[str, Any]:
-    """Time cached and uncached runs in this process (medians after a warm-up) and compare images."""
-    from .bench.metrics import psnr, ssim
-    from .generate import generate as run_generation
-
-    reference = run_generation(pipe, prompt, seed, kwargs, None)
-    cached_times, uncached_times = [], []
-    with progress_bar("timing cached vs uncached", 2 * repeat) as advance:
-        for _ in range(repeat):
-            cached_times.append(run_generation(pipe, prompt, seed, kwargs, plan).seconds)
-            advance()
-            uncached_times.append(run_generation(pipe, prompt, seed, kwargs, None).seconds)
-            advance()
-    cached, uncached = statistics.median(cached_times), statistics.median(uncached_times)
-    # A video is compared frame by frame (the mean over frames).
-    pairs = list(zip(image, reference.images[0])) if isinstance(image, list) else [(image, reference.images[0])]
-    return {"reference_nfe": reference.nfe, "reference_seconds": uncached, "cached_seconds": cached,
-            "speedup": uncached / cached, "psnr": statistics.mean(psnr(a, b) for a, b in pairs),
-            "ssim": statistics.mean(ssim(a, b) for a, b in pairs)}
 
 
 @app.command()

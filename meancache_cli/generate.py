@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,3 +75,26 @@ def generate(
     images = result.frames if hasattr(result, "frames") else result.images
     return Generation(images=list(images), nfe=counter.evaluations - before, seconds=seconds,
                       steps=call_kwargs["num_inference_steps"])
+
+
+def compare_with_uncached(pipe: Any, prompt: str, seed: int, call_kwargs: dict[str, Any], schedule: Schedule,
+                          output: Any, repeat: int, on_run: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Quality of a cached `output` against the uncached run, and the wall-clock ratio of the two:
+    medians of `repeat` alternating runs in this process, after the reference run as a warm-up."""
+    from .bench.metrics import compare
+
+    def timed(plan: Schedule | None) -> Generation:
+        result = generate(pipe, prompt, seed, call_kwargs, plan)
+        if on_run is not None:
+            on_run()
+        return result
+
+    reference = timed(None)
+    cached_times, uncached_times = [], []
+    for _ in range(repeat):
+        cached_times.append(timed(schedule).seconds)
+        uncached_times.append(timed(None).seconds)
+    cached, uncached = statistics.median(cached_times), statistics.median(uncached_times)
+    quality, structure = compare(output, reference.images[0])
+    return {"reference_nfe": reference.nfe, "reference_seconds": uncached, "cached_seconds": cached,
+            "speedup": uncached / cached, "psnr": quality, "ssim": structure}
