@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save
 
-from .core.stability import StabilityMaps
+from .core.stability import DEFAULT_LAMBDAS, DEFAULT_MAX_ELEMENTS, StabilityMaps
 from .distributed import World
 from .errors import UsageError
 from .files import Calibration, write_atomic
@@ -25,6 +26,7 @@ from .hooks import apply_recorder, remove_recorder
 from .models.registry import ModelSpec
 
 StepCallback = Callable[[], None]
+DEFAULT_MAX_BACK = 25
 
 
 def step_callback(on_step: StepCallback | None) -> Callable[..., dict] | None:
@@ -57,18 +59,30 @@ def shard_directory(out: str | Path) -> Path:
     return out.with_name(f".{out.name}.shards")
 
 
-def _shard_name(spec: ModelSpec, call_kwargs: dict[str, Any], kmax: int, prompt: str, seed: int) -> str:
+@dataclass(frozen=True)
+class MapSettings:
+    """What the error maps measure: the look-back in steps, the dampings λ, the latent elements used."""
+
+    max_back: int = DEFAULT_MAX_BACK
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    max_elements: int | None = DEFAULT_MAX_ELEMENTS
+
+    def maps(self, sigmas: np.ndarray) -> StabilityMaps:
+        return StabilityMaps(sigmas, self.max_back, self.lambdas, self.max_elements)
+
+
+def _shard_name(spec: ModelSpec, call_kwargs: dict[str, Any], settings: MapSettings, prompt: str, seed: int) -> str:
     """A run's identity: a shard is reused only by a run with the very same settings."""
-    key = json.dumps([spec.name, call_kwargs, kmax, prompt, seed], sort_keys=True, default=str)
+    key = json.dumps([spec.name, call_kwargs, asdict(settings), prompt, seed], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors"
 
 
-def reference_run(pipe: Any, recorder: Any, prompt: str, seed: int, call_kwargs: dict[str, Any], kmax: int,
-                  on_step: StepCallback | None) -> StabilityMaps:
+def reference_run(pipe: Any, recorder: Any, prompt: str, seed: int, call_kwargs: dict[str, Any],
+                  settings: MapSettings, on_step: StepCallback | None) -> StabilityMaps:
     """One uncached run, reduced to the map sums of its guidance branches."""
     pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
          callback_on_step_end=step_callback(on_step), **call_kwargs)
-    maps = StabilityMaps(pipe.scheduler.sigmas.double().cpu().numpy(), kmax)
+    maps = settings.maps(pipe.scheduler.sigmas.double().cpu().numpy())
     for trajectory in recorder.trajectories():
         maps.add(trajectory.x0, trajectory.velocities)
     return maps
@@ -80,7 +94,7 @@ def calibrate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     call_kwargs: dict[str, Any],
-    kmax: int = 5,
+    settings: MapSettings | None = None,
     on_step: StepCallback | None = None,
     shards: Path | None = None,
     on_resumed: Callable[[int], None] | None = None,
@@ -92,6 +106,7 @@ def calibrate(
     Under torchrun each rank runs its share of the pairs and the sums are added across ranks.
     """
     world = world or World()
+    settings = settings or MapSettings()
     runs = [(prompt, seed) for prompt in prompts for seed in seeds]
     if len(runs) < world.size:
         raise UsageError(f"{len(runs)} (prompt, seed) pairs cannot be shared by {world.size} processes: "
@@ -100,14 +115,14 @@ def calibrate(
     recorder = apply_recorder(pipe)
     try:
         for prompt, seed in world.share(runs):
-            shard = shards / _shard_name(spec, call_kwargs, kmax, prompt, seed) if shards else None
+            shard = shards / _shard_name(spec, call_kwargs, settings, prompt, seed) if shards else None
             if shard is not None and shard.exists():
                 arrays = load_file(shard)
-                maps = StabilityMaps.from_sums(arrays.pop("sigmas"), arrays)
+                maps = StabilityMaps.from_sums(arrays.pop("sigmas"), arrays, settings.lambdas, settings.max_elements)
                 if on_resumed is not None:
                     on_resumed(call_kwargs["num_inference_steps"])
             else:
-                maps = reference_run(pipe, recorder, prompt, seed, call_kwargs, kmax, on_step)
+                maps = reference_run(pipe, recorder, prompt, seed, call_kwargs, settings, on_step)
                 if shard is not None:
                     shard.parent.mkdir(exist_ok=True)
                     write_atomic(shard, save({"sigmas": np.asarray(maps.sigmas), **maps.sums()}))
@@ -118,14 +133,15 @@ def calibrate(
     finally:
         remove_recorder(pipe)
     if world.size > 1:
-        total = StabilityMaps.from_sums(total.sigmas, world.sum_arrays(total.sums()))
+        total = StabilityMaps.from_sums(total.sigmas, world.sum_arrays(total.sums()), settings.lambdas,
+                                        settings.max_elements)
     guidance = {name: call_kwargs[name] for name in ("guidance_scale", "true_cfg_scale", "negative_prompt")
                 if name in call_kwargs}
     return Calibration(
         model=spec.name, pipeline_class=type(pipe).__name__, sigmas=np.asarray(total.sigmas),
         errors=total.errors(), step_statistics=total.step_statistics(), prompts=list(prompts), seeds=list(seeds),
         height=call_kwargs.get("height"), width=call_kwargs.get("width"), frames=call_kwargs.get("num_frames"),
-        guidance=guidance, trajectories=total.count,
+        guidance=guidance, trajectories=total.count, elements=total.elements, latent_elements=total.latent_elements,
     )
 
 

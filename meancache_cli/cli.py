@@ -146,6 +146,17 @@ def guidance_kwargs(cfg: float | None, negative: str | None, guidance: float | N
     return {"true_cfg_scale": cfg, "negative_prompt": negative, "guidance_scale": guidance}
 
 
+def parse_lambdas(text: str) -> tuple[float, ...]:
+    """Comma-separated dampings in (0, 1], sorted."""
+    try:
+        values = sorted({float(part) for part in text.split(",")})
+    except ValueError:
+        values = []
+    if not values or not all(0 < value <= 1 for value in values):
+        raise UsageError(f"--lambdas {text!r} is invalid: give comma-separated dampings in (0, 1], e.g. 0.5,1")
+    return tuple(values)
+
+
 @app.command()
 def calibrate(
     out: Annotated[Path, typer.Option("--out", help="Calibration file to write (.safetensors).")],
@@ -157,7 +168,13 @@ def calibrate(
     height: HeightOption = None,
     width: WidthOption = None,
     frames: FramesOption = None,
-    kmax: Annotated[int, typer.Option(help="Largest JVP order K to measure.")] = 5,
+    max_back: Annotated[int, typer.Option(
+        "--max-back", help="Look-back in steps: edge costs are measured for a previous compute step up to this far "
+        "before the edge.")] = 25,
+    lambdas: Annotated[str, typer.Option(help="Comma-separated JVP dampings λ in (0, 1] to measure.")] = "0.5,1",
+    max_elements: Annotated[int, typer.Option(
+        "--max-elements", help="Measure the maps on a fixed random subset of this many latent elements (0: all).")]
+    = 65536,
     true_cfg_scale: CfgOption = None,
     negative_prompt: NegativeOption = None,
     guidance_scale: GuidanceOption = None,
@@ -168,15 +185,18 @@ def calibrate(
     as_json: JsonOption = False,
 ) -> None:
     """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
+    from .calibrate import MapSettings, reference_run_kwargs, remove_shards, shard_directory
     from .calibrate import calibrate as run_calibration
-    from .calibrate import reference_run_kwargs, remove_shards, shard_directory
     from .distributed import current_world
     from .files import save_calibration
     from .models.registry import resolve_model
     from .outputs import check_output_directory
 
-    if kmax < 0:
-        raise UsageError(f"--kmax {kmax} is invalid: use 0 or more")
+    if max_back < 1:
+        raise UsageError(f"--max-back {max_back} is invalid: use 1 or more")
+    if max_elements < 0:
+        raise UsageError(f"--max-elements {max_elements} is invalid: use 0 (all elements) or more")
+    settings = MapSettings(max_back, parse_lambdas(lambdas), max_elements or None)
     check_output_directory(out)
     spec = resolve_model(model)
     steps = steps if steps is not None else spec.steps
@@ -202,26 +222,31 @@ def calibrate(
             for _ in range(steps):
                 advance()
 
-        calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, kmax=kmax, on_step=advance,
+        calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, settings, on_step=advance,
                                       shards=shard_directory(out), on_resumed=resumed, world=world)
     if not world.is_main:
         return
     save_calibration(calibration, out)
     remove_shards(out)
-    summary = {"output": str(out), "model": spec.name, "steps": steps, "kmax": kmax, "runs": runs,
-               "trajectories": calibration.trajectories, "processes": world.size}
+    summary = {"output": str(out), "model": spec.name, "steps": steps, "max_back": calibration.max_back,
+               "lambdas": list(settings.lambdas), "runs": runs, "trajectories": calibration.trajectories,
+               "elements": calibration.elements, "processes": world.size}
     emit(summary, as_json, f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), "
-         f"N={steps}, Kmax={kmax}")
+         f"N={steps}, look-back {calibration.max_back}, λ {lambdas}")
 
 
 @app.command("plan")
 def plan(
     calibration: Annotated[str, typer.Option("--calibration", help="Calibration file, or - for stdin.")],
     budget: Annotated[int, typer.Option("--budget", help="Model evaluations per generation (B).")],
-    gamma: Annotated[float, typer.Option(help="Peak suppression γ ≥ 0 (0 = plain shortest path).")] = 0.5,
-    cost: Annotated[str, typer.Option(help="Edge cost: displacement or velocity.")] = "displacement",
+    gamma: Annotated[float, typer.Option(
+        help="Peak suppression γ ≥ 0: minimizes Σ cost^(1+γ) (0 = plain shortest path; large → min-max).")] = 4.0,
+    cost: Annotated[str, typer.Option(help="Edge cost: velocity (E) or displacement (|Δσ|·E).")] = "velocity",
     max_skip: Annotated[int | None, typer.Option("--max-skip", help="Longest edge in steps.")] = None,
-    kmax: Annotated[int | None, typer.Option(help="Largest order K to use (≤ the calibration's).")] = None,
+    kmax: Annotated[int, typer.Option(
+        help="Largest order K: 0 = velocity reuse only, 1 = the JVP from the previous compute step.")] = 1,
+    lambdas: Annotated[str | None, typer.Option(
+        help="Comma-separated dampings λ the planner may use (a subset of the calibration's).")] = None,
     out: Annotated[str, typer.Option("--out", help="Schedule file to write, or - for stdout.")] = "-",
     as_json: JsonOption = False,
 ) -> None:
@@ -238,16 +263,20 @@ def plan(
         from .outputs import check_output_directory
 
         check_output_directory(out)
-    schedule = plan_schedule(load_calibration(calibration), budget, gamma, cost, max_skip, kmax, calibration)
+    chosen = parse_lambdas(lambdas) if lambdas is not None else None
+    schedule = plan_schedule(load_calibration(calibration), budget, gamma, cost, max_skip, kmax, calibration, chosen)
     save_schedule(schedule, out)
     steps = schedule.num_inference_steps
     summary = {"output": out, "budget": schedule.budget, "num_inference_steps": steps,
-               "compute_steps": schedule.compute_steps, "orders": schedule.orders,
-               "predicted_cost": schedule.predicted_cost, "speedup_ideal": steps / schedule.budget}
-    text = (f"compute steps: {' '.join(map(str, schedule.compute_steps))}\n"
-            f"orders K:      {' '.join(map(str, schedule.orders))}\n"
-            f"predicted cost: {schedule.predicted_cost:.4g} ({schedule.budget} of {steps} steps, "
-            f"ideal speed-up {steps / schedule.budget:.1f}x)")
+               "compute_steps": schedule.compute_steps, "orders": schedule.orders, "lambdas": schedule.lambdas,
+               "edge_costs": schedule.edge_costs, "predicted_cost": schedule.predicted_cost,
+               "speedup_ideal": steps / schedule.budget}
+    edges = "\n".join(f"  {t:>4} → {s:<4} K={k} λ={damping:g}  cost {c:.3g}"
+                      for (t, s, k, damping), c in zip(schedule.edges, schedule.edge_costs))
+    text = (f"edges (model runs at t; K=1: JVP from the previous compute step, damped by λ):\n{edges}\n"
+            f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ={gamma:g}, in the units "
+            f"of the {cost} edge costs ({schedule.budget} of {steps} steps, ideal speed-up "
+            f"{steps / schedule.budget:.1f}x)")
     emit(summary, as_json, text, to_stderr=out == "-")
 
 

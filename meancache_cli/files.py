@@ -22,11 +22,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from .core.planner import computed_run
-from .core.stability import COST_KINDS
+from .core.stability import COST_KINDS, EdgeMaps, defined_mask
 from .errors import FileFormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CALIBRATION_KIND = "meancache-calibration"
 SCHEDULE_KIND = "meancache-schedule"
 STDIO = "-"
@@ -108,6 +107,11 @@ def _check_header(data: dict, kind: str, source: str) -> None:
         expected = "a schedule" if kind == SCHEDULE_KIND else "a calibration"
         raise FileFormatError(f"{source} is {other}, but {expected} is needed here")
     version = data.get("format_version")
+    if version == 1:
+        redo = ("plan it again with 'meancache plan' (its orders counted sampler steps, now they count "
+                "compute steps)" if kind == SCHEDULE_KIND else "run 'meancache calibrate' again (its maps "
+                "lack the previous compute step that edge costs now depend on)")
+        raise FileFormatError(f"{source} is a format version 1 file, which this meancache no longer reads: {redo}")
     if version != FORMAT_VERSION:
         raise FileFormatError(
             f"{source}: format_version {version!r} is not supported (this meancache reads version "
@@ -115,16 +119,26 @@ def _check_header(data: dict, kind: str, source: str) -> None:
         )
 
 
+ESTIMATORS = ("meancache", "release")
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """Which steps run the model and with which order K: the output of `plan`, input of `generate`."""
+    """Which steps run the model and how each edge is estimated: the output of `plan`, input of `generate`.
+
+    `estimator: meancache`: `orders[i]` is K (0 = reuse `v_t`; K ≥ 1 = the JVP read from the K-th previous
+    compute step) and `lambdas[i]` its damping λ (0 where K = 0). `estimator: release`: `orders[i]` is the
+    authors' sliding window (1 = reuse, 0 on edges without a skipped step) and `lambdas` are all 0.
+    """
 
     model: str
     num_inference_steps: int
     compute_steps: list[int]
     orders: list[int]
+    lambdas: list[float] = field(default_factory=list)
+    estimator: str = "meancache"
     gamma: float = 0.5
-    cost: str = "displacement"
+    cost: str = "velocity"
     predicted_cost: float = 0.0
     edge_costs: list[float] = field(default_factory=list)
     max_skip: int | None = None
@@ -132,10 +146,24 @@ class Schedule:
     width: int | None = None
     frames: int | None = None
     calibration: dict[str, str] | None = None
+    notes: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lambdas and self.estimator == "meancache":
+            # No dampings given: the full JVP correction wherever an order is set.
+            object.__setattr__(self, "lambdas", [1.0 if k else 0.0 for k in self.orders])
+        elif not self.lambdas:
+            object.__setattr__(self, "lambdas", [0.0] * len(self.orders))
 
     @property
     def budget(self) -> int:
         return len(self.compute_steps)
+
+    @property
+    def edges(self) -> list[tuple[int, int, int, float]]:
+        """(t, s, order, λ) of every edge, in order."""
+        ends = [*self.compute_steps[1:], self.num_inference_steps]
+        return list(zip(self.compute_steps, ends, self.orders, self.lambdas))
 
     def validate(self, source: str) -> None:
         """Raise FileFormatError naming the first inconsistent field."""
@@ -148,19 +176,28 @@ class Schedule:
             raise FileFormatError(
                 f"{source}: 'compute_steps' must be strictly ascending step indices below num_inference_steps={n}"
             )
-        if len(orders) != len(steps):
-            raise FileFormatError(
-                f"{source}: 'orders' has {len(orders)} entries but 'compute_steps' has {len(steps)}: one K per step"
-            )
-        for index, (t, k) in enumerate(zip(steps, orders)):
-            run = computed_run(steps, index)
-            if not 0 <= k <= run:
+        for name, values in (("orders", orders), ("lambdas", self.lambdas), ("edge_costs", self.edge_costs)):
+            if (values or name != "edge_costs") and len(values) != len(steps):
                 raise FileFormatError(
-                    f"{source}: 'orders' gives K={k} at step {t}, but only the {run} step(s) before it are computed: "
-                    f"K must lie in 0…{run}, the JVP reads only computed velocities"
+                    f"{source}: '{name}' has {len(values)} entries but 'compute_steps' has {len(steps)}: one per step"
                 )
-        if self.edge_costs and len(self.edge_costs) != len(steps):
-            raise FileFormatError(f"{source}: 'edge_costs' must have one entry per compute step")
+        if self.estimator not in ESTIMATORS:
+            raise FileFormatError(
+                f"{source}: 'estimator' must be one of {', '.join(ESTIMATORS)}, not {self.estimator!r}")
+        if self.estimator == "release":
+            if any(k < 0 for k in orders) or any(self.lambdas):
+                raise FileFormatError(f"{source}: a release schedule needs windows ≥ 0 in 'orders' and 0 in 'lambdas'")
+        else:
+            for index, (t, k, damping) in enumerate(zip(steps, orders, self.lambdas)):
+                if not 0 <= k <= index:
+                    raise FileFormatError(
+                        f"{source}: 'orders' gives K={k} at step {t}, but {index} compute step(s) come before it: "
+                        f"K must lie in 0…{index} (the K-th previous compute step must exist)"
+                    )
+                if not (math.isfinite(damping) and 0 <= damping <= 1) or (k == 0 and damping != 0):
+                    raise FileFormatError(
+                        f"{source}: 'lambdas' gives λ={damping} at step {t}: use a damping in 0…1, and 0 where K = 0"
+                    )
         if self.cost not in COST_KINDS:
             raise FileFormatError(f"{source}: 'cost' must be one of {', '.join(COST_KINDS)}, not {self.cost!r}")
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
@@ -168,17 +205,17 @@ class Schedule:
 
     def to_yaml(self) -> str:
         data = {"format_version": FORMAT_VERSION, "kind": SCHEDULE_KIND, "budget": self.budget, **asdict(self)}
-        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100, allow_unicode=True)
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()
 
 
 _SCHEDULE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "model": str, "num_inference_steps": int, "compute_steps": list, "orders": list,
-    "gamma": (int, float), "cost": str, "predicted_cost": (int, float), "edge_costs": list,
+    "model": str, "num_inference_steps": int, "compute_steps": list, "orders": list, "lambdas": list,
+    "estimator": str, "gamma": (int, float), "cost": str, "predicted_cost": (int, float), "edge_costs": list,
     "max_skip": (int, type(None)), "height": (int, type(None)), "width": (int, type(None)),
-    "frames": (int, type(None)), "calibration": (dict, type(None)),
+    "frames": (int, type(None)), "calibration": (dict, type(None)), "notes": (str, type(None)),
 }
 
 
@@ -198,8 +235,10 @@ def parse_schedule(text: str, source: str) -> Schedule:
     for name in ("compute_steps", "orders"):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values[name]):
             raise FileFormatError(f"{source}: '{name}' must be a list of integers")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values["edge_costs"]):
-        raise FileFormatError(f"{source}: 'edge_costs' must be a list of numbers")
+    for name in ("lambdas", "edge_costs"):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values[name]):
+            raise FileFormatError(f"{source}: '{name}' must be a list of numbers")
+        values[name] = [float(v) for v in values[name]]
     budget = _require(data, "budget", int, source)
     if budget != len(values["compute_steps"]):
         raise FileFormatError(
@@ -212,8 +251,33 @@ def parse_schedule(text: str, source: str) -> Schedule:
     return schedule
 
 
+SHIPPED_SCHEDULES = Path(__file__).parent / "schedules"
+
+
+def shipped_schedules() -> dict[str, Path]:
+    """The schedules installed with the package, by name (`<model>/<file stem>`, e.g. `qwen-image/authors-b10`)."""
+    return {f"{path.parent.name}/{path.stem}": path for path in sorted(SHIPPED_SCHEDULES.glob("*/*.yaml"))}
+
+
+def shipped_schedule_for(model: str, budget: int) -> str:
+    """The shipped schedule `generate --budget` uses: `<model>/b<B>` (planned by meancache), else the
+    authors' `<model>/authors-b<B>`; one line saying how to calibrate when there is none."""
+    shipped = shipped_schedules()
+    for name in (f"{model}/b{budget}", f"{model}/authors-b{budget}"):
+        if name in shipped:
+            return name
+    budgets = sorted({int(name.rsplit("b", 1)[1]) for name in shipped if name.startswith(f"{model}/")})
+    have = f"shipped budgets for {model}: {', '.join(map(str, budgets))}" if budgets else f"none ships for {model}"
+    raise FileFormatError(
+        f"no shipped schedule for {model} at budget {budget} ({have}): run 'meancache calibrate --model {model}' "
+        f"and 'meancache plan --budget {budget}', then pass --schedule FILE"
+    )
+
+
 def load_schedule(path: str | Path) -> Schedule:
-    """Read and validate a schedule file (`-` for stdin)."""
+    """Read and validate a schedule file (`-` for stdin) or a shipped schedule by name."""
+    if str(path) != STDIO and not Path(path).exists() and str(path) in shipped_schedules():
+        path = shipped_schedules()[str(path)]
     source = "stdin" if str(path) == STDIO else str(path)
     raw = read_bytes(path, "schedule")
     try:
@@ -236,7 +300,7 @@ class Calibration:
     model: str
     pipeline_class: str
     sigmas: np.ndarray
-    errors: np.ndarray
+    errors: EdgeMaps
     step_statistics: dict[str, np.ndarray]
     prompts: list[str]
     seeds: list[int]
@@ -246,26 +310,30 @@ class Calibration:
     guidance: dict[str, Any] = field(default_factory=dict)
     model_revision: str | None = None
     trajectories: int = 0
+    elements: int = 0
+    latent_elements: int = 0
 
     @property
     def num_inference_steps(self) -> int:
         return len(self.sigmas) - 1
 
     @property
-    def kmax(self) -> int:
-        return self.errors.shape[0] - 1
+    def max_back(self) -> int:
+        return self.errors.max_back
 
     def metadata(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION, "kind": CALIBRATION_KIND, "model": self.model,
             "model_revision": self.model_revision, "pipeline_class": self.pipeline_class,
-            "num_inference_steps": self.num_inference_steps, "kmax": self.kmax, "height": self.height,
-            "width": self.width, "frames": self.frames, "guidance": self.guidance, "prompts": self.prompts,
-            "seeds": self.seeds, "trajectories": self.trajectories,
+            "num_inference_steps": self.num_inference_steps, "max_back": self.max_back,
+            "lambdas": list(self.errors.lambdas), "height": self.height, "width": self.width, "frames": self.frames,
+            "guidance": self.guidance, "prompts": self.prompts, "seeds": self.seeds,
+            "trajectories": self.trajectories, "elements": self.elements, "latent_elements": self.latent_elements,
         }
 
     def to_bytes(self) -> bytes:
-        arrays = {"errors": self.errors, "sigmas": self.sigmas, **self.step_statistics}
+        arrays = {"reuse_errors": self.errors.reuse, "jvp_errors": self.errors.jvp, "sigmas": self.sigmas,
+                  **self.step_statistics}
         arrays = {name: np.ascontiguousarray(a, dtype=np.float64) for name, a in arrays.items()}
         return save_safetensors(arrays, metadata={"meancache": json.dumps(self.metadata())})
 
@@ -291,6 +359,13 @@ def _is_schedule_text(raw: bytes) -> bool:
     return isinstance(data, dict) and data.get("kind") == SCHEDULE_KIND
 
 
+def _check_map(source: str, name: str, values: np.ndarray, defined: np.ndarray) -> None:
+    if np.any(np.isinf(values)) or np.any(np.isnan(values[defined])):
+        raise FileFormatError(f"{source}: '{name}' holds NaN or Inf in defined entries: calibrate again")
+    if np.any(values[defined] < 0):
+        raise FileFormatError(f"{source}: '{name}' holds negative values: calibrate again")
+
+
 def parse_calibration(raw: bytes, source: str) -> Calibration:
     """A Calibration from safetensors bytes, with every array checked against the metadata."""
     if _is_schedule_text(raw):
@@ -306,30 +381,36 @@ def parse_calibration(raw: bytes, source: str) -> Calibration:
             "run 'meancache calibrate' again"
         )
     _check_header(meta, CALIBRATION_KIND, source)
-    for name in ("errors", "sigmas", *STEP_STATISTICS):
+    for name in ("reuse_errors", "jvp_errors", "sigmas", *STEP_STATISTICS):
         if name not in arrays:
             raise FileFormatError(f"{source}: the array '{name}' is missing")
+        if arrays[name].dtype != np.float64:
+            raise FileFormatError(
+                f"{source}: the array '{name}' holds {arrays[name].dtype} values, not float64: calibrate again")
     n = _require(meta, "num_inference_steps", int, source)
-    kmax = _require(meta, "kmax", int, source)
-    sigmas, errors = arrays["sigmas"], arrays["errors"]
+    max_back = _require(meta, "max_back", int, source)
+    lambdas = _require(meta, "lambdas", list, source)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in lambdas):
+        raise FileFormatError(f"{source}: 'lambdas' must be a list of dampings in (0, 1]")
+    sigmas, reuse, jvp = arrays["sigmas"], arrays["reuse_errors"], arrays["jvp_errors"]
     if sigmas.shape != (n + 1,):
         raise FileFormatError(f"{source}: 'sigmas' has shape {sigmas.shape}, expected ({n + 1},)")
     if not np.all(np.isfinite(sigmas)) or np.any(np.diff(sigmas) >= 0):
         raise FileFormatError(f"{source}: 'sigmas' must be finite and strictly decreasing")
-    if errors.shape != (kmax + 1, n + 1, n + 1):
-        raise FileFormatError(f"{source}: 'errors' has shape {errors.shape}, expected {(kmax + 1, n + 1, n + 1)}")
-    defined = defined_edges(kmax, n)
-    if np.any(np.isinf(errors)) or np.any(np.isnan(errors[defined])):
-        raise FileFormatError(f"{source}: 'errors' holds NaN or Inf in defined entries: calibrate again")
-    if np.any(errors[defined] < 0):
-        raise FileFormatError(f"{source}: 'errors' holds negative values: calibrate again")
+    for name, values, shape in (("reuse_errors", reuse, (n + 1, n + 1)),
+                                ("jvp_errors", jvp, (len(lambdas), max_back, n + 1, n + 1))):
+        if values.shape != shape:
+            raise FileFormatError(f"{source}: '{name}' has shape {values.shape}, expected {shape}")
+    reuse_defined, jvp_defined = defined_mask(n, max_back, len(lambdas))
+    _check_map(source, "reuse_errors", reuse, reuse_defined)
+    _check_map(source, "jvp_errors", jvp, jvp_defined)
     for name in STEP_STATISTICS:
         if arrays[name].shape != (n,):
             raise FileFormatError(f"{source}: '{name}' has shape {arrays[name].shape}, expected ({n},)")
     return Calibration(
         model=_require(meta, "model", str, source),
         pipeline_class=_require(meta, "pipeline_class", str, source),
-        sigmas=sigmas, errors=errors,
+        sigmas=sigmas, errors=EdgeMaps(reuse, jvp, tuple(float(v) for v in lambdas)),
         step_statistics={name: arrays[name] for name in STEP_STATISTICS},
         prompts=_require(meta, "prompts", list, source), seeds=_require(meta, "seeds", list, source),
         height=_require(meta, "height", (int, type(None)), source),
@@ -338,13 +419,9 @@ def parse_calibration(raw: bytes, source: str) -> Calibration:
         guidance=_require(meta, "guidance", dict, source),
         model_revision=_require(meta, "model_revision", (str, type(None)), source),
         trajectories=_require(meta, "trajectories", int, source),
+        elements=_require(meta, "elements", int, source),
+        latent_elements=_require(meta, "latent_elements", int, source),
     )
-
-
-def defined_edges(kmax: int, n: int) -> np.ndarray:
-    """Mask of the (K, t, s) entries an error map defines: t < s and t − K ≥ 0."""
-    k, t, s = np.meshgrid(np.arange(kmax + 1), np.arange(n + 1), np.arange(n + 1), indexing="ij")
-    return (t < s) & (t - k >= 0) & (t < n)
 
 
 def load_file(path: str | Path) -> Calibration | Schedule:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .core.estimator import mean_velocity
+from .core.estimator import mean_velocity, release_velocity
 from .errors import MeanCacheError, ScheduleMismatchError
 from .files import Schedule, load_schedule
 from .models.adapters import ModelAdapter, adapter_for
@@ -110,7 +110,7 @@ class ForwardArgs:
 
 @dataclass
 class BranchHistory:
-    """What one guidance branch has seen: latents and velocities per step, and the current edge."""
+    """What one guidance branch has seen: latents and velocities by step, and the current edge."""
 
     latents: dict[int, torch.Tensor] = field(default_factory=dict)
     velocities: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -192,22 +192,15 @@ class MeanCacheConfig:
     adapter: ModelAdapter
 
 
-class MeanCacheHook(SamplerHook):
-    """Runs the transformer only at the schedule's compute steps and hands every step of an edge
-    `t→s` the same average velocity `û_K(t→s)`, so the Euler steps compose to one jump."""
+class ScheduleHook(SamplerHook):
+    """Runs the transformer only at the schedule's compute steps; the subclass says what every other
+    step gets instead of a model velocity."""
 
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
         super().__init__(config.adapter, sigmas)
         self.config = config
-        schedule = config.schedule
-        self.edges = {
-            t: (order, end)
-            for t, order, end in zip(
-                schedule.compute_steps, schedule.orders,
-                [*schedule.compute_steps[1:], schedule.num_inference_steps],
-            )
-        }
-        self.window = max(schedule.orders)
+        self.edges = {t: (index, s, order, damping)
+                      for index, (t, s, order, damping) in enumerate(config.schedule.edges)}
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
         latents, timestep = self.forward_args.bind(args, kwargs)
@@ -215,13 +208,21 @@ class MeanCacheHook(SamplerHook):
             self._start_generation()
         step = self.tracker.step
         history = self.branch_history()
-        history.latents[step] = latents
         if step in self.edges:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            return self._start_edge(history, step, output)
-        history.velocities[step] = history.edge_velocity
-        return replace_output(history.output, (history.edge_velocity * self.adapter.output_sign).to(
+            history.output = output
+            return self.computed(history, step, latents, output)
+        velocity = self.skipped(history, step, latents)
+        return replace_output(history.output, (velocity * self.adapter.output_sign).to(
             output_sample(history.output).dtype))
+
+    def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
+        """The output handed to the sampler at a compute step."""
+        raise NotImplementedError
+
+    def skipped(self, history: BranchHistory, step: int, latents: torch.Tensor) -> torch.Tensor:
+        """The velocity `dx/dσ` handed to the sampler at a skipped step."""
+        raise NotImplementedError
 
     def _start_generation(self) -> None:
         steps = len(self.sigmas()) - 1
@@ -233,37 +234,81 @@ class MeanCacheHook(SamplerHook):
             )
         self.branches = []
 
-    def _start_edge(self, history: BranchHistory, t: int, output: Any) -> Any:
-        """Run at a compute step: estimate `û_K(t→s)` from history, then keep only what later steps read."""
-        order, end = self.edges[t]
-        sign = self.adapter.output_sign
+
+class MeanCacheHook(ScheduleHook):
+    """Hands every step of an edge `t→s` the same average velocity `û(t→s)`, so the Euler steps
+    compose to one jump; `û` reads the fresh `v_t` and the K-th previous compute step's velocity."""
+
+    def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
+        super().__init__(config, sigmas)
+        self.depth = max(config.schedule.orders)
+
+    def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
+        index, end, order, damping = self.edges[step]
         sample = output_sample(output)
-        v_t = sample.float() * sign
-        history.velocities[t] = v_t
-        history.output = output
-        for old in [m for m in history.latents if m < t - self.window]:
-            del history.latents[old], history.velocities[old]
-        if order == 0:
-            history.edge_velocity = v_t
+        v_t = sample.float() * self.adapter.output_sign
+        history.edge_velocity = v_t
+        if order and damping:
+            sigmas = self.sigmas()
+            p = self.config.schedule.compute_steps[index - order]
+            history.edge_velocity = mean_velocity(v_t, float(sigmas[step]), float(sigmas[end]),
+                                                  history.velocities[p], float(sigmas[p]), damping)
+        if self.depth:
+            history.velocities[step] = v_t
+            for old in sorted(history.velocities)[:-self.depth]:
+                del history.velocities[old]
+        if history.edge_velocity is v_t:
             return output
+        return replace_output(output, (history.edge_velocity * self.adapter.output_sign).to(sample.dtype))
+
+    def skipped(self, history: BranchHistory, step: int, latents: torch.Tensor) -> torch.Tensor:
+        return history.edge_velocity
+
+
+class ReleaseEstimatorHook(ScheduleHook):
+    """The estimator as the authors' release applies it: at every skipped step the velocity is
+    re-estimated from a sliding window over the logged latents and velocities (`release_velocity`)."""
+
+    def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
+        super().__init__(config, sigmas)
+        self.depth = max([1, *config.schedule.orders]) + 1
+        self.window = 1
+
+    def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
+        self.window = max(self.edges[step][2], 1)
+        self._log(history, step, latents, output_sample(output).float() * self.adapter.output_sign)
+        return output
+
+    def skipped(self, history: BranchHistory, step: int, latents: torch.Tensor) -> torch.Tensor:
         sigmas = self.sigmas()
-        r = t - order
-        history.edge_velocity = mean_velocity(
-            v_t, float(sigmas[t]), float(sigmas[end]), history.latents[t].float(),
-            history.latents[r].float(), history.velocities[r], float(sigmas[r]),
-        )
-        return replace_output(output, (history.edge_velocity * sign).to(sample.dtype))
+        r = step - min(self.window, step)
+        velocity = release_velocity(
+            history.velocities[step - 1], history.latents[r], history.velocities[r], latents.float(),
+            float(sigmas[r]), float(sigmas[step]), float(sigmas[step + 1]))
+        self._log(history, step, latents, velocity)
+        return velocity
+
+    def _log(self, history: BranchHistory, step: int, latents: torch.Tensor, velocity: torch.Tensor) -> None:
+        history.latents[step] = latents.float()
+        history.velocities[step] = velocity
+        for old in [m for m in history.latents if m < step - self.depth]:
+            del history.latents[old], history.velocities[old]
 
 
-def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> MeanCacheHook:
-    """Make every later `pipe(...)` call run the cached sampler that `schedule` describes."""
+HOOKS_BY_ESTIMATOR: dict[str, type[ScheduleHook]] = {"meancache": MeanCacheHook, "release": ReleaseEstimatorHook}
+
+
+def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> ScheduleHook:
+    """Make every later `pipe(...)` call run the cached sampler that `schedule` describes (its
+    `estimator` picks MeanCache's or the authors' release estimator)."""
     if not isinstance(schedule, Schedule):
         schedule = load_schedule(schedule)
     schedule.validate("schedule")
     registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
     if registry.get_hook(MEANCACHE_HOOK) is not None:
         registry.remove_hook(MEANCACHE_HOOK, recurse=False)
-    hook = MeanCacheHook(MeanCacheConfig(schedule, adapter_for(pipe.transformer)), _scheduler_sigmas(pipe))
+    hook_class = HOOKS_BY_ESTIMATOR[schedule.estimator]
+    hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer)), _scheduler_sigmas(pipe))
     registry.register_hook(hook, MEANCACHE_HOOK)
     return hook
 

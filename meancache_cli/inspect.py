@@ -11,7 +11,7 @@ from .core.stability import edge_costs
 from .errors import FileFormatError
 from .files import Calibration, Schedule
 
-COST_LABELS = {"displacement": "displacement error |σ_s − σ_t|·E_K", "velocity": "velocity error E_K"}
+COST_LABELS = {"displacement": "displacement error |σ_s − σ_t|·E", "velocity": "velocity error E"}
 
 
 def summary(item: Calibration | Schedule) -> dict[str, Any]:
@@ -20,18 +20,22 @@ def summary(item: Calibration | Schedule) -> dict[str, Any]:
         return {
             "kind": "schedule", "model": item.model, "num_inference_steps": item.num_inference_steps,
             "budget": item.budget, "ideal_speedup": item.num_inference_steps / item.budget,
-            "gamma": item.gamma, "cost": item.cost, "compute_steps": item.compute_steps, "orders": item.orders,
-            "edge_lengths": [e - s for s, e in zip(item.compute_steps,
+            "estimator": item.estimator, "gamma": item.gamma, "cost": item.cost, "compute_steps": item.compute_steps,
+            "orders": item.orders, "lambdas": item.lambdas, "edge_lengths": [e - s for s, e in zip(item.compute_steps,
                                                    [*item.compute_steps[1:], item.num_inference_steps])],
             "predicted_cost": item.predicted_cost, "resolution": [item.height, item.width],
-            "calibration": item.calibration,
+            "calibration": item.calibration, **({"notes": item.notes} if item.notes else {}),
         }
     return {
         "kind": "calibration", "model": item.model, "pipeline_class": item.pipeline_class,
-        "num_inference_steps": item.num_inference_steps, "kmax": item.kmax, "trajectories": item.trajectories,
-        "prompts": item.prompts, "seeds": item.seeds, "resolution": [item.height, item.width],
-        "guidance": item.guidance, "sigma_first_last": [float(item.sigmas[0]), float(item.sigmas[-2])],
-        "mean_error_by_k": [float(np.nanmean(item.errors[k])) for k in range(item.kmax + 1)],
+        "num_inference_steps": item.num_inference_steps, "max_back": item.max_back,
+        "lambdas": list(item.errors.lambdas), "trajectories": item.trajectories, "prompts": item.prompts,
+        "seeds": item.seeds, "resolution": [item.height, item.width], "guidance": item.guidance,
+        "elements": f"{item.elements} of {item.latent_elements}",
+        "sigma_first_last": [float(item.sigmas[0]), float(item.sigmas[-2])],
+        "mean_error_reuse": float(np.nanmean(item.errors.reuse)),
+        "mean_error_jvp_previous_step": {f"{lam:g}": float(np.nanmean(item.errors.jvp[i, 0]))
+                                         for i, lam in enumerate(item.errors.lambdas)},
     }
 
 
@@ -41,8 +45,9 @@ def summary_text(data: dict[str, Any]) -> str:
 
 def plot(calibration: Calibration, out: str | Path, schedule: Schedule | None = None,
          cost: str = "displacement") -> None:
-    """Heatmap of the best-K edge cost over (t, s), log scale, with the schedule's path; and the per-step
-    change of the instantaneous vs the average velocity."""
+    """Heatmaps over (t, s), log scale: the reuse cost, and the best JVP cost over λ with the previous
+    compute step one edge-length back (a uniform grid's history), with the schedule's path on both; and
+    the per-step change of the instantaneous vs the average velocity."""
     import io
 
     import matplotlib
@@ -54,26 +59,32 @@ def plot(calibration: Calibration, out: str | Path, schedule: Schedule | None = 
     from .files import write_atomic
 
     costs = edge_costs(calibration.errors, calibration.sigmas, cost)
-    best = np.fmin.reduce(costs, axis=0)
-    best[best <= 0] = np.nan  # exact Euler steps: nothing to show on a log scale
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    image = left.imshow(best.T, origin="lower", cmap="viridis", norm=LogNorm(), aspect="auto")
-    fig.colorbar(image, ax=left, label=COST_LABELS[cost] + " (best K)")
-    left.set_xlabel("start step t")
-    left.set_ylabel("end step s")
-    title = f"{calibration.model}: N={calibration.num_inference_steps}, Kmax={calibration.kmax}"
-    if schedule is not None:
-        if schedule.num_inference_steps != calibration.num_inference_steps:
-            raise FileFormatError(
-                f"the schedule has {schedule.num_inference_steps} steps, the calibration "
-                f"{calibration.num_inference_steps}: plot a schedule planned from this calibration"
-            )
-        ends = [*schedule.compute_steps[1:], schedule.num_inference_steps]
-        left.plot(schedule.compute_steps, ends, "o-", color="red", label=f"schedule B={schedule.budget}")
-        for t, s, k in zip(schedule.compute_steps, ends, schedule.orders):
-            left.annotate(f"K{k}", (t, s), textcoords="offset points", xytext=(4, -10), color="red", fontsize=7)
-        left.legend(loc="upper left")
-    left.set_title(title)
+    n = calibration.num_inference_steps
+    t, s = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    back = np.clip(s - t, 1, costs.max_back) - 1
+    jvp = np.fmin.reduce(costs.jvp, axis=0)[back, t, s]
+    if schedule is not None and schedule.num_inference_steps != n:
+        raise FileFormatError(
+            f"the schedule has {schedule.num_inference_steps} steps, the calibration {n}: "
+            "plot a schedule planned from this calibration"
+        )
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    for axis, values, label in ((axes[0], costs.reuse, "reuse v_t (K = 0)"),
+                                (axes[1], jvp, "JVP, p = t − (s − t), best λ (K = 1)")):
+        shown = np.where(values > 0, values, np.nan)  # exact Euler steps: nothing to show on a log scale
+        image = axis.imshow(shown.T, origin="lower", cmap="viridis", norm=LogNorm(), aspect="auto")
+        fig.colorbar(image, ax=axis, label=COST_LABELS[cost])
+        axis.set_xlabel("start step t")
+        axis.set_ylabel("end step s")
+        axis.set_title(f"{calibration.model}, N={n}: {label}", fontsize=9)
+        if schedule is not None:
+            ends = [*schedule.compute_steps[1:], n]
+            axis.plot(schedule.compute_steps, ends, "o-", color="red", label=f"schedule B={schedule.budget}")
+            for start, end, k, damping in schedule.edges:
+                axis.annotate(f"K{k}" + (f" λ{damping:g}" if k else ""), (start, end), textcoords="offset points",
+                              xytext=(4, -10), color="red", fontsize=6)
+            axis.legend(loc="upper left")
+    right = axes[2]
     stats = calibration.step_statistics
     steps = np.arange(calibration.num_inference_steps)
     right.semilogy(steps, stats["velocity_change"], label="instantaneous velocity v_i")

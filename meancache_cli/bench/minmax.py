@@ -27,12 +27,10 @@ def _with_edge(costs_desc: tuple[float, ...], cost: float) -> tuple[float, ...]:
 def minmax_path(costs: np.ndarray, budget: int) -> Path:
     """The leximax-optimal path `0 → N` with exactly `budget` edges over K = 0 edge costs.
 
-    `costs` is `(N+1, N+1)` (edge `t → s` at `[t, s]`, NaN or inf where there is no edge) or a
-    planner cost array `(Kmax+1, N+1, N+1)`, of which only K = 0 is used: a min-max schedule reuses the
-    velocity, it does not extrapolate it. `objective` is the largest edge cost of the path.
+    `costs` is the `(N+1, N+1)` reuse cost map (edge `t → s` at `[t, s]`, NaN or inf where there is no
+    edge): a min-max schedule reuses the velocity, it does not extrapolate it. `objective` is the largest
+    edge cost of the path.
     """
-    if costs.ndim == 3:
-        costs = costs[0]
     n = costs.shape[0] - 1
     if not 1 <= budget <= n:
         raise ValueError(f"budget {budget} is outside 1…{n}: use a budget between 1 and the number of steps")
@@ -60,4 +58,5 @@ def minmax_path(costs: np.ndarray, budget: int) -> Path:
     steps.reverse()
     starts, ends = steps[:-1], steps[1:]
     edge_costs = [float(weights[t, s]) for t, s in zip(starts, ends)]
-    return Path(compute_steps=starts, orders=[0] * budget, edge_costs=edge_costs, objective=max(edge_costs))
+    return Path(compute_steps=starts, orders=[0] * budget, lambdas=[0.0] * budget, edge_costs=edge_costs,
+                objective=max(edge_costs))

@@ -20,7 +20,6 @@ import torch
 
 from ..files import Schedule
 from ..hooks import apply_meancache, remove_meancache
-from .authors import apply_authors_estimator, remove_authors_estimator
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,8 @@ class Method:
 
 
 def schedule_settings(schedule: Schedule) -> dict[str, Any]:
-    return {"compute_steps": list(schedule.compute_steps), "orders": list(schedule.orders)}
+    return {"compute_steps": list(schedule.compute_steps), "orders": list(schedule.orders),
+            "lambdas": list(schedule.lambdas), "estimator": schedule.estimator}
 
 
 def meancache_method(key: str, schedule: Schedule, **settings: Any) -> Method:
@@ -104,13 +104,9 @@ def meancache_method(key: str, schedule: Schedule, **settings: Any) -> Method:
                   {**schedule_settings(schedule), **settings})
 
 
-def authors_method(schedule: Schedule) -> Method:
-    def install(pipe: Any) -> Callable[[], None]:
-        apply_authors_estimator(pipe, schedule)
-        return lambda: remove_authors_estimator(pipe)
-
-    return Method("authors", schedule.budget, schedule.num_inference_steps, install,
-                  {**schedule_settings(schedule), "windows": [max(k, 1) for k in schedule.orders]})
+def authors_method(schedule: Schedule, key: str = "authors") -> Method:
+    """The release estimator (a schedule with `estimator: release`), run by the same hook."""
+    return meancache_method(key, schedule, windows=list(schedule.orders))
 
 
 def euler_method(budget: int) -> Method:

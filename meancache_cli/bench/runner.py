@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calibrate import calibrate, reference_run_kwargs
+from ..calibrate import MapSettings, calibrate, reference_run_kwargs
 from ..core.stability import StabilityMaps, edge_costs
 from ..files import Calibration, Schedule
 from ..hooks import apply_recorder, remove_recorder
 from ..models.registry import ModelSpec, load_pipeline, resolve_model
 from ..plan import plan_schedule, uniform_schedule
+from .authors import release_on_schedule
 from .metrics import compare
 from .minmax import minmax_path
 from .peers import (
@@ -74,8 +75,7 @@ class BenchSettings:
     search_iterations: int
     stress_budget: int | None
     ablation_budget: int
-    kmax: int = 5
-    kmax_values: tuple[int, ...] = (0, 1, 2, 3, 5)
+    kmax_values: tuple[int, ...] = (0, 1)
     gamma_values: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
     cost_variants: tuple[tuple[str, float], ...] = (("displacement", 0.5), ("velocity", 0.5), ("velocity", 0.0))
     transfer_resolution: tuple[int, int] | None = None
@@ -140,7 +140,7 @@ def bench_settings(
         stress_budget=None if quick else STRESS_BUDGET, ablation_budget=ABLATION_BUDGET,
     )
     if quick:
-        settings.kmax_values, settings.gamma_values = (0, 5), (0.5, 2.0)
+        settings.kmax_values, settings.gamma_values = (0, 1), (0.5, 4.0)
         settings.cost_variants = (("displacement", 0.5), ("velocity", 0.5))
     elif kwargs.get("height") and kwargs.get("width"):
         evaluation = prompts.evaluation
@@ -222,7 +222,7 @@ class Bench:
             if ticks["steps"] % kwargs["num_inference_steps"] == 0:
                 self.advance()
 
-        return calibrate(self.pipe, self.spec, prompts.prompts, prompts.seeds, kwargs, kmax=self.settings.kmax,
+        return calibrate(self.pipe, self.spec, prompts.prompts, prompts.seeds, kwargs,
                          on_step=on_step)
 
     def references(self, pairs: list[tuple[str, int]], kwargs: dict[str, Any] | None = None,
@@ -236,7 +236,7 @@ class Bench:
                 images.append(self.call(None, prompt, seed, kwargs).images[0])
                 if recorder is not None:
                     if maps is None:
-                        maps = StabilityMaps(self.pipe.scheduler.sigmas.double().cpu().numpy(), self.settings.kmax)
+                        maps = MapSettings().maps(self.pipe.scheduler.sigmas.double().cpu().numpy())
                     for trajectory in recorder.trajectories():
                         maps.add(trajectory.x0, trajectory.velocities)
         finally:
@@ -257,7 +257,7 @@ class Bench:
     def schedules(self, budget: int, calibration: Calibration) -> dict[str, Schedule]:
         """The schedule-based methods' plans at `budget` from one calibration."""
         steps = self.settings.steps
-        costs = edge_costs(calibration.errors[:1], calibration.sigmas, "displacement")
+        costs = edge_costs(calibration.errors, calibration.sigmas, "displacement").reuse
         path = minmax_path(costs, budget)
         minmax = Schedule(model=calibration.model, num_inference_steps=steps, compute_steps=path.compute_steps,
                           orders=path.orders, gamma=0.0, cost="displacement", predicted_cost=path.objective,
@@ -301,7 +301,7 @@ class Bench:
             "planner_k0": meancache_method("planner_k0", plans["planner_k0"],
                                            predicted_cost=plans["planner_k0"].predicted_cost),
             "minmax": meancache_method("minmax", plans["minmax"], largest_edge_cost=plans["minmax"].predicted_cost),
-            "authors": authors_method(plans["meancache"]),
+            "authors": authors_method(release_on_schedule(plans["meancache"])),
             "fbcache": fbcache_method(budget, steps, fbc_threshold),
             "taylorseer": taylorseer_method(budget, steps, taylor_order),
             "magcache": magcache_method(budget, steps, mag_threshold, mag_ratios),

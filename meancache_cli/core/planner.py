@@ -1,14 +1,14 @@
-"""Peak-suppressed shortest path with exactly B edges (DESIGN.md §4).
+"""Peak-suppressed shortest path with exactly B edges, each costed given its history (DESIGN.md §4).
 
-Nodes are sampler steps `0 … N`; an edge `t→s` with order K runs the model once at `t` and hands
-`û_K(t→s)` to every step in `[t, s)`. Minimizing `Σ w^(1+γ)` instead of `Σ w` spreads the error:
-γ = 0 is the plain shortest path, a large γ approaches the min-max path.
+Nodes are sampler steps `0 … N`; an edge `t→s` runs the model once at `t` and hands `û(t→s)` to every
+step in `[t, s)`. Its estimate reads the previous compute step `p`, so its cost depends on (p, t, s)
+and the program runs over states (previous compute step, current compute step): `O(B·N²·max_back)`.
+On each edge it picks the cheapest option: reuse `v_t` (K = 0) or the JVP estimate from `p` (K = 1)
+with one of the calibrated dampings λ.
 
-An order K ≥ 1 reads the velocities of steps `t−K … t−1`. Only steps the model really evaluated
-carry information: at a skipped step the history holds the estimate itself, and `J_K` built on it
-collapses to the previous edge's slope. So an edge may use order K only when the K steps before `t`
-were all computed — the condition under which the calibrated error `E_K` is what the sampler gets.
-The program therefore tracks, per node, how many consecutive steps before it were computed.
+Minimizing `Σ c^(1+γ)` instead of `Σ c` spreads the error: γ = 0 is the plain shortest path, a large γ
+approaches the min-max path. Ties go to the earlier predecessor, then to reuse, then to the smaller λ,
+so the result is deterministic, and a budget of N picks the exact Euler edges (reuse on t→t+1 weighs 0).
 """
 
 from __future__ import annotations
@@ -17,87 +17,94 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .stability import EdgeMaps
+
 
 @dataclass(frozen=True)
 class Path:
-    """A schedule as the planner sees it: where the model runs and with which order."""
+    """A schedule as the planner sees it: where the model runs, with which order and damping."""
 
     compute_steps: list[int]
     orders: list[int]
+    lambdas: list[float]
     edge_costs: list[float]
     objective: float
 
 
-def computed_run(compute_steps: list[int], index: int) -> int:
-    """How many steps right before `compute_steps[index]` were computed too (the usable history)."""
-    run = 0
-    while index - run - 1 >= 0 and compute_steps[index - run - 1] == compute_steps[index] - run - 1:
-        run += 1
-    return run
+def generalized_cost(edge_costs: list[float], gamma: float) -> float:
+    """`(Σ c^(1+γ))^(1/(1+γ))`: the objective in the units of the edge costs (γ = 0: their sum; γ → ∞: their max)."""
+    costs = np.asarray(edge_costs, dtype=np.float64)
+    peak = float(costs.max()) if costs.size else 0.0
+    if peak <= 0:
+        return 0.0
+    return peak * float(np.sum((costs / peak) ** (1.0 + gamma))) ** (1.0 / (1.0 + gamma))
 
 
-def plan_path(costs: np.ndarray, budget: int, gamma: float = 0.5, max_skip: int | None = None) -> Path:
-    """Exact dynamic program over `costs` (shape (Kmax+1, N+1, N+1), NaN = no edge).
-
-    State: (node, computed run before it, capped at Kmax); `O(B·N²·Kmax²)`. Ties go to the smaller
-    K, then to the earlier step, so the result is deterministic and a budget of N picks the exact
-    Euler edges.
-    """
-    kmax, n = costs.shape[0] - 1, costs.shape[1] - 1
+def plan_path(costs: EdgeMaps, budget: int, gamma: float = 0.5, max_skip: int | None = None,
+              kmax: int = 1) -> Path:
+    """Exact dynamic program over `costs` (NaN = no such edge option); `kmax = 0` allows reuse only."""
+    n, back_max = costs.num_steps, costs.max_back if kmax >= 1 else 0
     if not 1 <= budget <= n:
         raise ValueError(f"budget {budget} is outside 1…{n}: use a budget between 1 and the number of steps")
     if gamma < 0 or not np.isfinite(gamma):
         raise ValueError(f"gamma {gamma} must be a finite number ≥ 0")
-    weights = np.where(np.isnan(costs), np.inf, np.power(np.abs(costs), 1.0 + gamma))
-    span = np.arange(n + 1)[None, :] - np.arange(n + 1)[:, None]
-    if max_skip is not None:
-        weights[:, span > max_skip] = np.inf
-    # best[r, t, s]: cheapest order for edge t→s when r steps before t were computed; order[r, t, s]: its K.
-    best = np.minimum.accumulate(weights, axis=0)
-    order = np.zeros_like(best, dtype=int)
-    for k in range(1, kmax + 1):
-        order[k] = np.where(weights[k] < best[k - 1], k, order[k - 1])
+    finite = np.concatenate([costs.reuse[np.isfinite(costs.reuse)], costs.jvp[np.isfinite(costs.jvp)]])
+    scale = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
 
-    states = kmax + 1
-    total = np.full((n + 1, states), np.inf)
-    total[0, 0] = 0.0
-    parents = np.zeros((budget + 1, n + 1, states, 2), dtype=int)
+    def weigh(values: np.ndarray) -> np.ndarray:
+        weights = np.where(np.isnan(values), np.inf, np.power(np.abs(values) / scale, 1.0 + gamma))
+        if max_skip is not None:
+            span = np.arange(n + 1)[None, :] - np.arange(n + 1)[:, None]
+            weights[..., span > max_skip] = np.inf
+        return weights
+
+    reuse = weigh(costs.reuse)
+    # best[b − 1], choice[b − 1]: weight and option (0 reuse, j + 1 damping j) of edge t→s when p = t − b.
+    options = np.concatenate([np.broadcast_to(reuse, (1, back_max, n + 1, n + 1)),
+                              weigh(costs.jvp[:, :back_max])], axis=0)
+    best, choice = options.min(axis=0), options.argmin(axis=0)
+
     nodes = np.arange(n + 1)
-    for b in range(1, budget + 1):
-        new = np.full((n + 1, states), np.inf)
-        for run in range(states):
-            # candidates[t, s] = reach t with `run` computed steps before it, then take edge t→s.
-            candidates = total[:, run][:, None] + best[run]
-            # A unit edge t→t+1 extends the run of computed steps; a longer edge resets it to zero.
-            unit = np.full(n + 1, np.inf)
-            unit[1:] = np.diagonal(candidates, offset=1)
-            candidates[nodes[:-1], nodes[1:]] = np.inf
-            origin = np.argmin(candidates, axis=0)
-            longer = candidates[origin, nodes]
-            for target, value, start in ((min(run + 1, kmax), unit, nodes - 1), (0, longer, origin)):
-                better = value < new[:, target]
-                new[better, target] = value[better]
-                parents[b, better, target, 0] = start[better]
-                parents[b, better, target, 1] = run
-        total = new
-    end_run = int(np.argmin(total[n]))
-    if not np.isfinite(total[n, end_run]):
+    total = np.full((n + 1, n + 1), np.inf)  # total[t, s]: cheapest path with b edges whose last is t→s
+    total[0] = reuse[0]
+    parents = np.zeros((budget + 1, n + 1, n + 1), dtype=np.int32)
+    for b in range(2, budget + 1):
+        new = np.full((n + 1, n + 1), np.inf)
+        parent = np.zeros((n + 1, n + 1), dtype=np.int32)
+        # Predecessors beyond the look-back (earliest first) can only be followed by reuse.
+        far = np.full(n + 1, np.inf)
+        far_parent = np.zeros(n + 1, dtype=np.int32)
+        for t in range(back_max + 1, n + 1):
+            window = total[: t - back_max, t]
+            far_parent[t] = int(np.argmin(window))
+            far[t] = window[far_parent[t]]
+        candidates = [(far[:, None] + reuse, far_parent[:, None])]
+        for back in range(back_max, 0, -1):
+            previous = np.full(n + 1, np.inf)
+            previous[back:] = total[nodes[back:] - back, nodes[back:]]
+            candidates.append((previous[:, None] + best[back - 1], (nodes - back)[:, None]))
+        for value, start in candidates:
+            better = value < new
+            new[better] = value[better]
+            parent[better] = np.broadcast_to(start, better.shape)[better]
+        total, parents[b] = new, parent
+    last = int(np.argmin(total[:, n]))
+    if not np.isfinite(total[last, n]):
         raise ValueError(
             f"no schedule reaches step {n} in exactly {budget} evaluations with these edges: "
-            "raise --max-skip or the budget, or calibrate with a larger Kmax"
+            "raise --max-skip or the budget"
         )
-    steps, runs = [n], [end_run]
-    for b in range(budget, 0, -1):
-        t, run = parents[b, steps[-1], runs[-1]]
-        steps.append(int(t))
-        runs.append(int(run))
+    steps = [n, last]
+    for b in range(budget, 1, -1):
+        steps.append(int(parents[b, steps[-1], steps[-2]]))
     steps.reverse()
-    runs.reverse()
-    starts, ends = steps[:-1], steps[1:]
-    orders = [int(order[r, t, s]) for r, t, s in zip(runs, starts, ends)]
-    return Path(
-        compute_steps=starts,
-        orders=orders,
-        edge_costs=[float(abs(costs[k, t, s])) for k, t, s in zip(orders, starts, ends)],
-        objective=float(total[n, end_run]),
-    )
+    orders, dampings, edge_costs = [], [], []
+    for index, (t, s) in enumerate(zip(steps[:-1], steps[1:])):
+        p = steps[index - 1] if index > 0 else None
+        option = int(choice[t - p - 1, t, s]) if p is not None and t - p <= back_max else 0
+        damping = costs.lambdas[option - 1] if option else 0.0
+        orders.append(1 if option else 0)
+        dampings.append(float(damping))
+        edge_costs.append(abs(costs.value(p if option else None, t, s, damping)))
+    return Path(compute_steps=steps[:-1], orders=orders, lambdas=dampings, edge_costs=edge_costs,
+                objective=generalized_cost(edge_costs, gamma))

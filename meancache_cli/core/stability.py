@@ -1,55 +1,113 @@
 """Stability maps from reference trajectories (DESIGN.md §3).
 
-`E_K(t, s)` is how far the estimated average velocity `û_K(t→s)` lands from the true one `u(t→s)`
-on an uncached trajectory; the planner turns it into edge costs. Maps are averaged over every
-trajectory added, so a trajectory can be dropped as soon as it has been added.
+The estimate of an edge `t→s` depends on the compute step `p` before it, so its error is a function
+of (p, t, s): `E(p, t, s) = mean |u(t→s) − û(t→s; p)|` on uncached trajectories, for `p` within a
+look-back of `max_back` steps and for each damping λ. Plain reuse (K = 0) does not depend on `p`.
+Maps are running sums over every trajectory added, so a trajectory can be dropped once added.
+
+Shapes, N steps: `reuse` is (N+1, N+1) indexed [t, s]; `jvp` is (len(λ), max_back, N+1, N+1) indexed
+[λ, t − p − 1, t, s]; NaN where the edge is undefined. Work per trajectory ≈ N²·max_back·len(λ)·D/2
+for D latent elements (a fixed random subset of at most `max_elements`), memory (1 + len(λ)·max_back)·N²
+doubles.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from .estimator import average_velocity, mean_velocity
+from .estimator import average_velocity, jvp_estimate
 
 COST_KINDS = ("displacement", "velocity")
+DEFAULT_LAMBDAS = (0.5, 1.0)
+DEFAULT_MAX_ELEMENTS = 65536
+SUBSET_SEED = 0
+
+
+@dataclass
+class EdgeMaps:
+    """One number per edge option: reuse `[t, s]`, and the JVP estimate `[λ, t − p − 1, t, s]`."""
+
+    reuse: np.ndarray
+    jvp: np.ndarray
+    lambdas: tuple[float, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return self.reuse.shape[0] - 1
+
+    @property
+    def max_back(self) -> int:
+        return self.jvp.shape[1]
+
+    def value(self, p: int | None, t: int, s: int, damping: float) -> float:
+        """The entry of edge `t→s` estimated with reference `p` and damping λ (reuse when p is None or λ = 0)."""
+        if p is None or damping == 0:
+            return float(self.reuse[t, s])
+        if not 1 <= t - p <= self.max_back:
+            return float("nan")
+        return float(self.jvp[self.lambdas.index(damping), t - p - 1, t, s])
+
+    def select(self, lambdas: tuple[float, ...] | None = None, max_back: int | None = None) -> EdgeMaps:
+        """The same maps restricted to some dampings and a shorter look-back."""
+        lambdas = self.lambdas if lambdas is None else tuple(lambdas)
+        index = [self.lambdas.index(value) for value in lambdas]
+        back = self.max_back if max_back is None else min(max_back, self.max_back)
+        return EdgeMaps(self.reuse, self.jvp[index, :back], lambdas)
+
+
+def defined_mask(n: int, max_back: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where `reuse` and `jvp` of an N-step map are defined: t < s, and for jvp also p = t − b − 1 ≥ 0."""
+    t, s = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    reuse = t < s
+    back = np.arange(1, max_back + 1)[:, None, None]
+    jvp = reuse[None] & (t[None] - back >= 0)
+    return reuse, np.broadcast_to(jvp, (count, max_back, n + 1, n + 1))
 
 
 def euler_trajectory(x0: torch.Tensor, velocities: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Latents `x_0 … x_N` that Euler steps with `velocities` produce from `x0`.
 
-    With guidance each branch gets its own trajectory: the guidance weights sum to one, so the
-    combined error is the weighted sum of the branches' errors against their own trajectories.
+    With guidance each branch gets its own trajectory: the dσ-weighted average of that branch's
+    velocity over an interval is what its estimate must predict.
     """
     steps = (sigmas[1:] - sigmas[:-1]).reshape(-1, *([1] * (velocities.dim() - 1)))
     increments = torch.cumsum(steps * velocities, dim=0)
     return torch.cat([x0[None], x0[None] + increments], dim=0)
 
 
-def trajectory_errors(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor, kmax: int) -> np.ndarray:
-    """`E_K(t, s) = mean |u(t→s) − û_K(t→s)|` for one trajectory, NaN where the edge is undefined.
+def element_subset(total: int, max_elements: int | None) -> torch.Tensor | None:
+    """A fixed random subset of latent elements (same for every trajectory and process), or None for all.
 
-    `xs` holds `x_0 … x_N` (N+1 entries), `vs` the velocities `v_0 … v_{N-1}`, `sigmas` N+1 values.
+    The mean of |·| over a uniform random subset is an unbiased estimate of the mean over all elements.
     """
+    if max_elements is None or total <= max_elements:
+        return None
+    generator = torch.Generator().manual_seed(SUBSET_SEED)
+    return torch.randperm(total, generator=generator)[:max_elements].sort().values
+
+
+def trajectory_errors(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor, max_back: int,
+                      lambdas: tuple[float, ...]) -> EdgeMaps:
+    """Error maps of one trajectory: `xs` holds `x_0 … x_N`, `vs` the velocities `v_0 … v_{N−1}`."""
     n = vs.shape[0]
     xs = xs.reshape(n + 1, -1).double()
     vs = vs.reshape(n, -1).double()
     sig = sigmas.double()
-    errors = np.full((kmax + 1, n + 1, n + 1), np.nan)
+    reuse = np.full((n + 1, n + 1), np.nan)
+    jvp = np.full((len(lambdas), max_back, n + 1, n + 1), np.nan)
     for t in range(n):
         ends = torch.arange(t + 1, n + 1)
-        sigma_s = sig[ends][:, None]
-        u = average_velocity(xs[t][None], xs[ends], sig[t], sigma_s)
-        for k in range(min(kmax, t) + 1):
-            r = t - k
-            if k == 0:
-                u_hat = vs[t][None]
-            else:
-                u_hat = mean_velocity(vs[t][None], sig[t], sigma_s, xs[t], xs[r], vs[r], sig[r])
-            errors[k, t, t + 1:] = (u - u_hat).abs().mean(dim=1).numpy()
-    return errors
+        spans = (sig[ends] - sig[t])[:, None]
+        residual = average_velocity(xs[t][None], xs[ends], sig[t], sig[ends][:, None]) - vs[t][None]
+        reuse[t, t + 1:] = residual.abs().mean(dim=1).numpy()
+        for back in range(1, min(max_back, t) + 1):
+            correction = spans * jvp_estimate(vs[t - back], vs[t], sig[t - back], sig[t])[None]
+            for index, damping in enumerate(lambdas):
+                jvp[index, back - 1, t, t + 1:] = (residual - damping * correction).abs().mean(dim=1).numpy()
+    return EdgeMaps(reuse, jvp, tuple(lambdas))
 
 
 def velocity_changes(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -67,83 +125,119 @@ def velocity_changes(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor) -
     return inst, avg
 
 
+SUM_NAMES = ("reuse_sum", "jvp_sum", "velocity_norm_sum", "velocity_change_sum", "mean_velocity_change_sum",
+             "latent_elements_sum")
+
+
 @dataclass
 class StabilityMaps:
-    """Running sums of the error map and per-step statistics over reference trajectories."""
+    """Running sums of the error maps and per-step statistics over reference trajectories.
+
+    Every field that grows with the trajectories is a plain sum, so sums from other processes or
+    shards add up to the sums of one run over all of them.
+    """
 
     sigmas: np.ndarray
-    kmax: int
-    error_sum: np.ndarray = field(init=False)
+    max_back: int
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    max_elements: int | None = DEFAULT_MAX_ELEMENTS
+    reuse_sum: np.ndarray = field(init=False)
+    jvp_sum: np.ndarray = field(init=False)
     velocity_norm_sum: np.ndarray = field(init=False)
     velocity_change_sum: np.ndarray = field(init=False)
     mean_velocity_change_sum: np.ndarray = field(init=False)
+    latent_elements_sum: np.ndarray = field(init=False)
     count: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.sigmas) - 1
-        self.error_sum = np.zeros((self.kmax + 1, n + 1, n + 1))
+        self.max_back = min(self.max_back, n)
+        self.lambdas = tuple(float(value) for value in self.lambdas)
+        self.reuse_sum = np.zeros((n + 1, n + 1))
+        self.jvp_sum = np.zeros((len(self.lambdas), self.max_back, n + 1, n + 1))
         self.velocity_norm_sum = np.zeros(n)
         self.velocity_change_sum = np.zeros(n)
         self.mean_velocity_change_sum = np.zeros(n)
+        self.latent_elements_sum = np.zeros(1)
+
+    @property
+    def latent_elements(self) -> int:
+        """Elements of one latent (all branches and runs alike)."""
+        return round(float(self.latent_elements_sum[0]) / self.count) if self.count else 0
+
+    @property
+    def elements(self) -> int:
+        """Latent elements the maps are measured on (all of them, or the fixed random subset)."""
+        return min(self.latent_elements, self.max_elements or self.latent_elements)
 
     def add(self, x0: torch.Tensor, velocities: torch.Tensor) -> None:
         """Add one trajectory (one branch of one run): its start latents and its N velocities."""
         sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64)
-        vs = velocities.double()
-        xs = euler_trajectory(x0.double(), vs, sigmas)
-        self.error_sum += trajectory_errors(xs, vs, sigmas, self.kmax)
+        subset = element_subset(x0.numel(), self.max_elements)
+        self.latent_elements_sum += x0.numel()
+        x0 = x0.reshape(-1).double()
+        vs = velocities.reshape(len(velocities), -1).double()
+        if subset is not None:
+            x0, vs = x0[subset], vs[:, subset]
+        xs = euler_trajectory(x0, vs, sigmas)
+        maps = trajectory_errors(xs, vs, sigmas, self.max_back, self.lambdas)
+        self.reuse_sum += np.nan_to_num(maps.reuse)
+        self.jvp_sum += np.nan_to_num(maps.jvp)
         inst, avg = velocity_changes(xs, vs, sigmas)
-        self.velocity_norm_sum += vs.reshape(len(vs), -1).abs().mean(1).numpy()
-        self.velocity_change_sum += inst
-        self.mean_velocity_change_sum += avg
+        self.velocity_norm_sum += vs.abs().mean(1).numpy()
+        self.velocity_change_sum += np.nan_to_num(inst)
+        self.mean_velocity_change_sum += np.nan_to_num(avg)
         self.count += 1
 
     def merge(self, other: StabilityMaps) -> None:
         """Fold in sums gathered elsewhere (another process, another shard)."""
-        self.error_sum += other.error_sum
-        self.velocity_norm_sum += other.velocity_norm_sum
-        self.velocity_change_sum += other.velocity_change_sum
-        self.mean_velocity_change_sum += other.mean_velocity_change_sum
+        for name in SUM_NAMES:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         self.count += other.count
 
     def sums(self) -> dict[str, np.ndarray]:
-        """The running sums as arrays, to persist a partial calibration (a shard)."""
-        return {"error_sum": self.error_sum, "velocity_norm_sum": self.velocity_norm_sum,
-                "velocity_change_sum": self.velocity_change_sum,
-                "mean_velocity_change_sum": self.mean_velocity_change_sum, "count": np.array([self.count])}
+        """The running sums as arrays, to persist a partial calibration (a shard) or add across processes."""
+        return {**{name: getattr(self, name) for name in SUM_NAMES}, "count": np.array([self.count])}
 
     @classmethod
-    def from_sums(cls, sigmas: np.ndarray, sums: dict[str, np.ndarray]) -> StabilityMaps:
-        maps = cls(sigmas, sums["error_sum"].shape[0] - 1)
-        for name, value in sums.items():
-            setattr(maps, name, int(value[0]) if name == "count" else value.copy())
+    def from_sums(cls, sigmas: np.ndarray, sums: dict[str, np.ndarray], lambdas: tuple[float, ...],
+                  max_elements: int | None) -> StabilityMaps:
+        maps = cls(sigmas, sums["jvp_sum"].shape[1], lambdas, max_elements)
+        for name in SUM_NAMES:
+            setattr(maps, name, np.array(sums[name], dtype=np.float64))
+        maps.count = int(sums["count"][0])
         return maps
 
-    def errors(self) -> np.ndarray:
-        """Mean `E_K(t, s)`, shape (Kmax+1, N+1, N+1), NaN where undefined."""
+    def errors(self) -> EdgeMaps:
+        """Mean error maps, NaN where undefined."""
         if self.count == 0:
             raise ValueError("no trajectory was added to the stability maps")
-        return self.error_sum / self.count
+        reuse_defined, jvp_defined = defined_mask(len(self.sigmas) - 1, self.max_back, len(self.lambdas))
+        reuse = np.where(reuse_defined, self.reuse_sum / self.count, np.nan)
+        jvp = np.where(jvp_defined, self.jvp_sum / self.count, np.nan)
+        return EdgeMaps(reuse, jvp, self.lambdas)
 
     def step_statistics(self) -> dict[str, np.ndarray]:
         """Mean per-step velocity statistics, for reports and plots."""
-        return {
+        stats = {
             "velocity_norm": self.velocity_norm_sum / self.count,
             "velocity_change": self.velocity_change_sum / self.count,
             "mean_velocity_change": self.mean_velocity_change_sum / self.count,
         }
+        for name in ("velocity_change", "mean_velocity_change"):
+            stats[name][0] = np.nan  # no step before step 0
+        return stats
 
 
-def edge_costs(errors: np.ndarray, sigmas: np.ndarray, kind: str) -> np.ndarray:
-    """Edge weights for the planner: `E_K` itself (velocity) or `|σ_s − σ_t|·E_K` (displacement).
+def edge_costs(errors: EdgeMaps, sigmas: np.ndarray, kind: str) -> EdgeMaps:
+    """Edge weights for the planner: `E` itself (velocity) or `|σ_s − σ_t|·E` (displacement).
 
-    The one-step edge `t→t+1` with K = 0 is an exact Euler step and weighs 0.
+    The one-step edge `t→t+1` reusing `v_t` is an exact Euler step and weighs 0.
     """
     if kind not in COST_KINDS:
         raise ValueError(f"unknown cost kind {kind!r}: use one of {', '.join(COST_KINDS)}")
-    costs = errors.copy()
-    if kind == "displacement":
-        costs = costs * np.abs(sigmas[None, None, :] - sigmas[None, :, None])
+    scale = np.abs(sigmas[None, :] - sigmas[:, None]) if kind == "displacement" else 1.0
+    reuse = errors.reuse * scale
     n = len(sigmas) - 1
-    costs[0, np.arange(n), np.arange(1, n + 1)] = 0.0
-    return costs
+    reuse[np.arange(n), np.arange(1, n + 1)] = 0.0
+    return replace(errors, reuse=reuse, jvp=errors.jvp * scale)
