@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench schedules mutate clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,15 @@ test: install
 
 bench: install
 	$(BIN)/meancache bench --model demo --out docs/bench
+
+schedules: install
+	$(BIN)/python -m meancache_cli.shipped
+
+# Mutation check of core/ and hooks.py with the fast tests (minutes; not part of `make test`).
+mutate: install
+	$(BIN)/python -m pip install -q "mutmut>=3,<4"
+	$(BIN)/mutmut run
+	$(BIN)/mutmut results > docs/mutants.txt || true
 
 lint: install
 	$(BIN)/ruff check meancache_cli tests

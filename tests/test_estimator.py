@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from meancache_cli.core.estimator import average_velocity, jvp_estimate, mean_velocity
-from meancache_cli.core.stability import StabilityMaps, edge_costs, euler_trajectory, trajectory_errors
+from meancache_cli.core.estimator import average_velocity, jvp_estimate, mean_velocity, release_velocity
+from meancache_cli.core.stability import (
+    EdgeMaps,
+    StabilityMaps,
+    edge_costs,
+    element_subset,
+    euler_trajectory,
+    trajectory_errors,
+)
 
 
 def affine_trajectory(sigmas: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,43 +20,87 @@ def affine_trajectory(sigmas: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
     return xs, vs
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_estimate_is_exact_for_affine_velocity(k: int) -> None:
+@pytest.mark.parametrize("back", [1, 2, 5])
+def test_estimate_is_exact_for_affine_velocity(back: int) -> None:
     sigmas = torch.linspace(1, 0, 11, dtype=torch.float64) ** 1.7
     a, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     xs, vs = affine_trajectory(sigmas, a, b)
-    for t in range(k, 10):
+    for t in range(back, 10):
         for s in range(t + 1, 11):
             u = average_velocity(xs[t], xs[s], sigmas[t], sigmas[s])
-            r = t - k
-            u_hat = mean_velocity(vs[t], sigmas[t], sigmas[s], xs[t], xs[r], vs[r], sigmas[r])
+            p = t - back
+            u_hat = mean_velocity(vs[t], sigmas[t], sigmas[s], vs[p], sigmas[p])
             torch.testing.assert_close(u_hat, u, rtol=1e-10, atol=1e-10)
+
+
+def test_estimate_by_hand() -> None:
+    """σ_p = 0.8, σ_t = 0.6, σ_s = 0.2, v_p = 1, v_t = 2: J = (2 − 1)/(2·(0.6 − 0.8)) = −2.5,
+    û = 2 + λ·(0.2 − 0.6)·(−2.5) = 2 + λ."""
+    v_p, v_t = torch.tensor([1.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)
+    assert jvp_estimate(v_p, v_t, 0.8, 0.6).item() == pytest.approx(-2.5)
+    assert mean_velocity(v_t, 0.6, 0.2, v_p, 0.8).item() == pytest.approx(3.0)
+    assert mean_velocity(v_t, 0.6, 0.2, v_p, 0.8, damping=0.5).item() == pytest.approx(2.5)
+
+
+def test_reuse_returns_the_velocity_itself() -> None:
+    v_t = torch.randn(4)
+    assert mean_velocity(v_t, 0.6, 0.2) is v_t
+    assert mean_velocity(v_t, 0.6, 0.2, torch.randn(4), 0.8, damping=0.0) is v_t
 
 
 def test_plain_reuse_is_wrong_for_affine_velocity() -> None:
     sigmas = torch.linspace(1, 0, 11, dtype=torch.float64)
     xs, vs = affine_trajectory(sigmas, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
     u = average_velocity(xs[2], xs[6], sigmas[2], sigmas[6])
-    v_t = vs[2]
-    assert (mean_velocity(v_t, sigmas[2], sigmas[6]) - u).abs().max() > 0.1
-    assert mean_velocity(v_t, sigmas[2], sigmas[6]) is v_t
+    assert (mean_velocity(vs[2], sigmas[2], sigmas[6]) - u).abs().max() > 0.1
 
 
-def test_jvp_estimate_is_the_slope_of_the_average_velocity() -> None:
-    sigmas = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    xs, vs = affine_trajectory(torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), torch.zeros(1), torch.ones(1))
-    # v = σ, so u(r→t) = (σ_r + σ_t)/2 and J = 1/2 exactly.
-    assert jvp_estimate(xs[0], vs[0], xs[1], sigmas[0], sigmas[1]).item() == pytest.approx(0.5)
+def test_release_velocity_by_hand() -> None:
+    """Window [r, m] with x_r = 0, x_m = 1, σ_r = 1, σ_m = 0.5: u(r→m) = −2; v_r = −1 gives
+    J = (−2 + 1)/(0.5 − 1) = 2, and û_m = v_{m−1} + (σ_{m+1} − σ_m)·J = 3 + (0.25 − 0.5)·2 = 2.5."""
+    one = torch.ones(1, dtype=torch.float64)
+    value = release_velocity(3 * one, 0 * one, -one, one, 1.0, 0.5, 0.25)
+    assert value.item() == pytest.approx(2.5)
 
 
-def test_error_map_is_zero_for_affine_velocity_and_nan_where_undefined() -> None:
+def naive_maps(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor, max_back: int,
+               lambdas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """E(p, t, s) straight from DESIGN.md §3, one entry at a time, without the library's estimator."""
+    n = len(vs)
+    reuse = np.full((n + 1, n + 1), np.nan)
+    jvp = np.full((len(lambdas), max_back, n + 1, n + 1), np.nan)
+    for t in range(n):
+        for s in range(t + 1, n + 1):
+            u = (xs[s] - xs[t]) / (sigmas[s] - sigmas[t])
+            reuse[t, s] = float((u - vs[t]).abs().mean())
+            for p in range(max(0, t - max_back), t):
+                for j, lam in enumerate(lambdas):
+                    slope = (vs[t] - (vs[p] + vs[t]) / 2) / (sigmas[t] - sigmas[p])
+                    jvp[j, t - p - 1, t, s] = float((u - vs[t] - lam * (sigmas[s] - sigmas[t]) * slope).abs().mean())
+    return reuse, jvp
+
+
+def test_error_maps_match_a_naive_implementation_of_the_definition() -> None:
+    torch.manual_seed(0)
+    sigmas = torch.linspace(1, 0, 8, dtype=torch.float64) ** 1.3
+    vs = torch.randn(7, 6, dtype=torch.float64).cumsum(0)
+    xs = euler_trajectory(torch.randn(6, dtype=torch.float64), vs, sigmas)
+    maps = trajectory_errors(xs, vs, sigmas, max_back=3, lambdas=(0.5, 1.0))
+    reuse, jvp = naive_maps(xs, vs, sigmas, 3, (0.5, 1.0))
+    np.testing.assert_allclose(maps.reuse, reuse, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(maps.jvp, jvp, rtol=1e-12, equal_nan=True)
+    assert maps.value(2, 4, 7, 0.5) == pytest.approx(jvp[0, 1, 4, 7]) and maps.value(None, 4, 7, 0.0) == reuse[4, 7]
+    assert np.isnan(maps.value(0, 4, 7, 1.0))  # 4 steps back: beyond the look-back of 3
+
+
+def test_error_map_of_an_affine_velocity_is_zero_for_the_full_jvp_only() -> None:
     sigmas = torch.linspace(1, 0, 9, dtype=torch.float64)
     xs, vs = affine_trajectory(sigmas, torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64))
-    errors = trajectory_errors(xs, vs, sigmas, kmax=2)
-    assert errors.shape == (3, 9, 9)
-    assert np.isnan(errors[1, 0, 5]) and np.isnan(errors[0, 4, 4]) and np.isnan(errors[2, 1, 3])
-    assert np.nanmax(errors[1:]) < 1e-10
-    assert errors[0, 0, 8] > 0.1
+    maps = trajectory_errors(xs, vs, sigmas, max_back=2, lambdas=(0.5, 1.0))
+    assert maps.reuse.shape == (9, 9) and maps.jvp.shape == (2, 2, 9, 9)
+    assert np.isnan(maps.jvp[0, 0, 0, 5]) and np.isnan(maps.reuse[4, 4]) and np.isnan(maps.jvp[1, 1, 1, 3])
+    assert np.nanmax(maps.jvp[1]) < 1e-10
+    assert np.nanmin(maps.jvp[0][:, :, 2:]) > 0 and maps.reuse[0, 8] > 0.1
 
 
 def test_euler_trajectory_reproduces_the_sampler() -> None:
@@ -63,29 +114,45 @@ def test_euler_trajectory_reproduces_the_sampler() -> None:
     assert xs.shape == (6, 2, 3)
 
 
-def test_stability_maps_average_and_merge() -> None:
+def test_stability_maps_are_the_mean_over_trajectories_and_merge_exactly() -> None:
     sigmas = np.linspace(1, 0, 7)
-    runs = [(torch.randn(4), torch.randn(6, 4)) for _ in range(4)]
-    whole, left, right = StabilityMaps(sigmas, 2), StabilityMaps(sigmas, 2), StabilityMaps(sigmas, 2)
+    runs = [(torch.randn(4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)) for _ in range(3)]
+    whole, left, right = (StabilityMaps(sigmas, 2, (0.5, 1.0), None) for _ in range(3))
     for i, (x0, vs) in enumerate(runs):
         whole.add(x0, vs)
         (left if i < 2 else right).add(x0, vs)
     left.merge(right)
-    np.testing.assert_allclose(left.errors(), whole.errors(), equal_nan=True)
-    assert whole.count == 4
-    single = StabilityMaps(sigmas, 2)
-    single.add(*runs[0])
-    assert not np.allclose(single.errors(), whole.errors(), equal_nan=True)
+    np.testing.assert_allclose(left.errors().jvp, whole.errors().jvp, equal_nan=True)
+    assert whole.count == 3 and whole.elements == 4 and whole.latent_elements == 4
+    each = [naive_maps(euler_trajectory(x0, vs, torch.tensor(sigmas)), vs, torch.tensor(sigmas), 2, (0.5, 1.0))
+            for x0, vs in runs]
+    np.testing.assert_allclose(whole.errors().reuse, np.mean([r for r, _ in each], axis=0), rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(whole.errors().jvp, np.mean([j for _, j in each], axis=0), rtol=1e-12, equal_nan=True)
+
+
+def test_sums_round_trip_and_a_subset_of_elements_is_fixed() -> None:
+    sigmas = np.linspace(1, 0, 5)
+    maps = StabilityMaps(sigmas, 4, (1.0,), max_elements=3)
+    maps.add(torch.randn(10), torch.randn(4, 10))
+    maps.add(torch.randn(10), torch.randn(4, 10))
+    assert maps.elements == 3 and maps.latent_elements == 10
+    again = StabilityMaps.from_sums(sigmas, maps.sums(), (1.0,), 3)
+    np.testing.assert_array_equal(again.errors().jvp, maps.errors().jvp)
+    assert again.count == 2 and again.latent_elements == 10
+    assert torch.equal(element_subset(10, 3), element_subset(10, 3)) and element_subset(10, 10) is None
+    assert maps.max_back == 4 and StabilityMaps(sigmas, 9).max_back == 4  # look-back capped at N
 
 
 def test_edge_costs_displacement_scales_by_interval_and_zeroes_euler_steps() -> None:
     sigmas = np.array([1.0, 0.6, 0.0])
-    errors = np.full((2, 3, 3), np.nan)
-    errors[0, 0, 1], errors[0, 0, 2], errors[0, 1, 2], errors[1, 1, 2] = 2.0, 3.0, 4.0, 5.0
+    reuse = np.array([[np.nan, 2.0, 3.0], [np.nan, np.nan, 4.0], [np.nan] * 3])
+    jvp = np.full((1, 1, 3, 3), np.nan)
+    jvp[0, 0, 1, 2] = 5.0
+    errors = EdgeMaps(reuse, jvp, (1.0,))
     disp = edge_costs(errors, sigmas, "displacement")
-    assert disp[0, 0, 2] == pytest.approx(3.0) and disp[1, 1, 2] == pytest.approx(3.0)
-    assert disp[0, 0, 1] == 0 and disp[0, 1, 2] == 0
+    assert disp.reuse[0, 2] == pytest.approx(3.0) and disp.jvp[0, 0, 1, 2] == pytest.approx(3.0)
+    assert disp.reuse[0, 1] == 0 and disp.reuse[1, 2] == 0
     vel = edge_costs(errors, sigmas, "velocity")
-    assert vel[0, 0, 2] == 3.0 and vel[1, 1, 2] == 5.0
+    assert vel.reuse[0, 2] == 3.0 and vel.jvp[0, 0, 1, 2] == 5.0 and errors.reuse[0, 1] == 2.0
     with pytest.raises(ValueError, match="unknown cost kind 'nope'"):
         edge_costs(errors, sigmas, "nope")

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from oracle import CallLog, linear_cfg, replay
 from tiny import TINY_CALL, ForwardCounter, tiny_flux_pipeline
 
-from meancache_cli import Schedule, apply_meancache, remove_meancache
-from meancache_cli.core.estimator import mean_velocity
+from meancache_cli import Schedule, apply_meancache, load_schedule, remove_meancache
 from meancache_cli.errors import ScheduleMismatchError
 from meancache_cli.hooks import apply_evaluation_counter, apply_recorder, remove_recorder
 
@@ -22,11 +22,11 @@ def run(pipe, seed: int = 0, **kwargs) -> np.ndarray:
     return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **args).images
 
 
-def schedule(steps: list[int], orders: list[int]) -> Schedule:
-    return Schedule(model="tiny", num_inference_steps=N, compute_steps=steps, orders=orders)
+def schedule(steps: list[int], orders: list[int], lambdas: list[float] | None = None) -> Schedule:
+    return Schedule(model="tiny", num_inference_steps=N, compute_steps=steps, orders=orders, lambdas=lambdas or [])
 
 
-CACHED = schedule([0, 1, 2, 6, 7, 8], [0, 0, 2, 0, 1, 2])
+CACHED = schedule([0, 1, 2, 6, 7, 8], [0, 1, 2, 1, 1, 2], [0.0, 1.0, 0.5, 1.0, 0.5, 1.0])
 B = len(CACHED.compute_steps)
 
 
@@ -73,36 +73,49 @@ def test_consecutive_generations_are_identical(pipe) -> None:
     assert not np.array_equal(first, run(pipe, seed=5))
 
 
-def test_every_step_of_an_edge_gets_the_estimated_average_velocity(pipe) -> None:
-    """Replays the hook's inputs through the bare transformer and the estimator, step by step."""
-    seen: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
-
-    def capture(module, args, kwargs, output):
-        seen.append((kwargs["hidden_states"].clone(), output[0].clone(), dict(kwargs)))
-
-    handle = pipe.transformer.register_forward_hook(capture, with_kwargs=True)
+@pytest.mark.parametrize("cfg", [None, 2.5])
+def test_cached_latents_equal_an_independent_replay(pipe, cfg: float | None) -> None:
+    """The hooked pipeline against tests/oracle.py, which runs the bare transformer and the estimator formula
+    itself; with true CFG the two branches see different prompts, so their histories differ."""
+    guidance = {"true_cfg_scale": cfg, "negative_prompt": "a black square on a white background"} if cfg else {}
+    branches = 2 if cfg else 1
+    log = CallLog(pipe.transformer)
     apply_meancache(pipe, CACHED)
     try:
-        run(pipe, seed=7)
+        final = pipe(PROMPT, generator=torch.Generator().manual_seed(7), output_type="latent",
+                     **{**TINY_CALL, "num_inference_steps": N}, **guidance).images
     finally:
         remove_meancache(pipe)
-        handle.remove()
-    sigmas = pipe.scheduler.sigmas
-    assert len(seen) == N
-    velocities: dict[int, torch.Tensor] = {}
-    ends = [*CACHED.compute_steps[1:], N]
-    for t, k, s in zip(CACHED.compute_steps, CACHED.orders, ends):
-        x_t, returned, kwargs = seen[t]
-        with torch.no_grad():
-            v_t = pipe.transformer(**kwargs)[0]
-        expected = v_t if k == 0 else mean_velocity(
-            v_t, float(sigmas[t]), float(sigmas[s]), x_t, seen[t - k][0], velocities[t - k], float(sigmas[t - k]))
-        torch.testing.assert_close(returned, expected, rtol=1e-5, atol=1e-6)
-        velocities[t] = v_t
-        for m in range(t + 1, s):
-            assert torch.equal(seen[m][1], returned)
-            velocities[m] = returned
-    assert max(CACHED.orders) == 2
+        log.close()
+    assert len(log.calls) == N * branches
+    if cfg:
+        assert not torch.equal(log.calls[0]["encoder_hidden_states"], log.calls[1]["encoder_hidden_states"])
+    xs = replay(pipe.transformer, log, CACHED.compute_steps, CACHED.orders, CACHED.lambdas,
+                [float(s) for s in pipe.scheduler.sigmas], branches, linear_cfg(cfg) if cfg else (lambda o: o[0]))
+    for m in range(1, N):
+        torch.testing.assert_close(log.latents(m * branches), xs[m], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(final.float(), xs[N], rtol=1e-5, atol=1e-6)
+
+
+def test_release_estimator_runs_its_own_hook_with_exactly_budget_forwards(pipe) -> None:
+    shipped = load_schedule("qwen-image/authors-b10")
+    release = Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 1, 3, 7, 9, 11],
+                       orders=[0, 2, 1, 3, 1, 0], estimator="release")
+    counter = ForwardCounter(pipe.transformer.x_embedder)
+    hook = apply_meancache(pipe, release)
+    try:
+        cached = run(pipe, seed=2)
+    finally:
+        remove_meancache(pipe)
+    assert type(hook).__name__ == "ReleaseEstimatorHook" and shipped.estimator == "release"
+    assert counter.calls == 6
+    as_reuse = schedule(release.compute_steps, [0] * 6)
+    apply_meancache(pipe, as_reuse)
+    try:
+        reused = run(pipe, seed=2)
+    finally:
+        remove_meancache(pipe)
+    assert not np.allclose(cached, reused, atol=1e-6)  # windows 2 and 3 re-estimate inside their edges
 
 
 def test_schedule_for_other_step_count_is_refused(pipe) -> None:

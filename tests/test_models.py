@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import run_cli
+from oracle import CallLog, linear_cfg, qwen_cfg, replay, single
 from PIL import Image
 from tiny import ForwardCounter
 from tiny_models import TINY_MODELS, TinyModel
 
 from meancache_cli import Schedule, apply_meancache, remove_meancache
-from meancache_cli.core.estimator import mean_velocity
 from meancache_cli.generate import generate
 from meancache_cli.models.adapters import adapter_for
 from meancache_cli.models.registry import load_pipeline, resolve_model
@@ -63,7 +63,7 @@ def test_cli_calibrate_plan_generate(tiny, capsys, tmp_path) -> None:
     options = cli_options(model)
     calibration = tmp_path / "cal.safetensors"
     calibrated = run_cli(["calibrate", "--model", directory, "--prompt", PROMPT, "--prompt", "a green star",
-                          "--seeds", "0", "--steps", str(N), "--kmax", "2", *options, "--out", str(calibration),
+                          "--seeds", "0", "--steps", str(N), "--max-back", "2", *options, "--out", str(calibration),
                           "--json"], capsys)
     assert calibrated.code == 0, calibrated.stderr
     assert json.loads(calibrated.stdout)["trajectories"] == 2 * model.branches
@@ -140,29 +140,46 @@ def test_adapter_sigma_and_sign_match_the_sampler(tiny) -> None:
                                        rtol=1e-4, atol=1e-4)
 
 
-def test_hook_estimate_is_the_average_velocity_the_sampler_steps_with(tiny) -> None:
-    """Through the hook: the jump over edge 3→N (K = 2) is û(3→N) built from sampler-measured velocities.
+# How each family runs its guidance branches in the oracle test: call overrides, calls per step, combination.
+ORACLE_GUIDANCE = {
+    "flux": ({"true_cfg_scale": 3.0, "negative_prompt": "a white star"}, 2, linear_cfg(3.0)),
+    "qwen-image": ({}, 2, qwen_cfg(4.0)),
+    "hunyuanvideo": ({}, 1, single),
+    "sd3": ({"guidance_scale": 1.0}, 1, single),  # batched CFG is one call: checked unguided here
+    "wan": ({"guidance_scale": 3.0}, 2, linear_cfg(3.0)),
+    "z-image": ({"guidance_scale": 0.0}, 1, single),
+    "chroma": ({"guidance_scale": 3.0}, 2, linear_cfg(3.0)),
+}
+ORACLE_SCHEDULE = Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 1, 3, 4], orders=[0, 1, 1, 2],
+                           lambdas=[0.0, 1.0, 0.5, 1.0])
 
-    Steps 1 and 2 are computed, so the reference r = 1 carries real velocities and the JVP term is not zero.
-    Every velocity below is measured from the latents the sampler produced, never from the adapter, so a
-    wrong output sign or a reversed time in the adapter breaks the equality.
-    """
+
+def test_hooked_pipeline_equals_an_independent_replay(tiny) -> None:
+    """Every family, guidance branches included: the latents at every step and the final latents equal a
+    replay that runs the bare transformer and the estimator formula itself (tests/oracle.py)."""
     model, _, pipe, _ = tiny
-    runs = []
-    for steps, orders in (([0, 1, 2, 3], [0, 0, 0, 2]), ([0, 1, 2, 3, 4], [0, 0, 0, 0, 0])):
-        recorder = CallRecorder(pipe)
-        run(pipe, model, Schedule(model="tiny", num_inference_steps=N, compute_steps=steps, orders=orders),
-            guidance=False)
-        runs.append(recorder.latents())
-    (x, x_alone), sigmas = runs, pipe.scheduler.sigmas.double()
-    x, x_alone = [v.double() for v in x], [v.double() for v in x_alone]
-    torch.testing.assert_close(x[3], x_alone[3], rtol=0, atol=0)  # same edges up to step 3
-    v1 = sampler_velocity(x, sigmas, 1)  # edge 1→2 with K = 0 moves with the model's v_1
-    v3 = sampler_velocity(x_alone, sigmas, 3)  # the second run computes step 3 with K = 0
-    expected = mean_velocity(v3, float(sigmas[3]), float(sigmas[N]), x[3], x[1], v1, float(sigmas[1]))
-    torch.testing.assert_close(sampler_velocity(x, sigmas, 3), expected, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(sampler_velocity(x, sigmas, 4), expected, rtol=1e-3, atol=1e-3)
-    assert (expected - v3).abs().max() > 1e-2  # the JVP correction really is there
+    overrides, branches, combine = ORACLE_GUIDANCE[model.name]
+    finals: list[torch.Tensor] = []
+
+    def keep(pipe, step, timestep, kwargs):
+        finals.append(kwargs["latents"].detach().float().clone())
+        return {}
+
+    log = CallLog(pipe.transformer)
+    apply_meancache(pipe, ORACLE_SCHEDULE)
+    try:
+        pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(3), output_type="latent",
+             callback_on_step_end=keep, **{**model.call, **overrides, "num_inference_steps": N})
+    finally:
+        remove_meancache(pipe)
+        log.close()
+    assert len(log.calls) == N * branches
+    xs = replay(pipe.transformer, log, ORACLE_SCHEDULE.compute_steps, ORACLE_SCHEDULE.orders,
+                ORACLE_SCHEDULE.lambdas, [float(s) for s in pipe.scheduler.sigmas], branches, combine)
+    for m in range(1, N):
+        torch.testing.assert_close(log.latents(m * branches), xs[m], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(finals[-1].flatten(), xs[N].flatten(), rtol=1e-4, atol=1e-5)
+    assert (xs[N] - xs[4]).abs().max() > 1e-3  # the replayed edges really move the latents
 
 
 def test_only_wan_needs_its_scheduler_swapped(tiny) -> None:
