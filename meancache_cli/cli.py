@@ -271,12 +271,12 @@ def plan(
                "compute_steps": schedule.compute_steps, "orders": schedule.orders, "lambdas": schedule.lambdas,
                "edge_costs": schedule.edge_costs, "predicted_cost": schedule.predicted_cost,
                "speedup_ideal": steps / schedule.budget}
-    edges = "\n".join(f"  {t:>4} → {s:<4} K={k} λ={damping:g}  cost {c:.3g}"
-                      for (t, s, k, damping), c in zip(schedule.edges, schedule.edge_costs))
-    text = (f"edges (model runs at t; K=1: JVP from the previous compute step, damped by λ):\n{edges}\n"
-            f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ={gamma:g}, in the units "
-            f"of the {cost} edge costs ({schedule.budget} of {steps} steps, ideal speed-up "
-            f"{steps / schedule.budget:.1f}x)")
+    text = (f"compute steps: {' '.join(map(str, schedule.compute_steps))}\n"
+            f"orders K:      {' '.join(map(str, schedule.orders))}   (1: JVP from the previous compute step)\n"
+            f"dampings λ:    {' '.join(f'{v:g}' for v in schedule.lambdas)}\n"
+            f"edge costs:    {' '.join(f'{c:.3g}' for c in schedule.edge_costs)}   ({cost} error)\n"
+            f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ = {gamma:g}\n"
+            f"{schedule.budget} of {steps} steps, ideal speed-up {steps / schedule.budget:.1f}x")
     emit(summary, as_json, text, to_stderr=out == "-")
 
 
@@ -295,7 +295,10 @@ def generate(
         "--context-parallel", help="Split each generation across N GPUs (diffusers context parallelism, torchrun).")
     ] = None,
     model: ModelOption = "demo",
-    schedule: Annotated[str | None, typer.Option("--schedule", help="Schedule file, or - for stdin.")] = None,
+    schedule: Annotated[str | None, typer.Option(
+        "--schedule", help="Schedule file, - for stdin, or a shipped schedule (qwen-image/authors-b10).")] = None,
+    budget: Annotated[int | None, typer.Option(
+        "--budget", help="Use the shipped schedule for this model and budget (no calibration needed).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Run the uncached pipeline.")] = False,
     steps: Annotated[int | None, typer.Option(help="Sampler steps N (the schedule's if omitted).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -316,21 +319,24 @@ def generate(
     """Generate an image or a video, running the model only at the schedule's compute steps."""
     from .calibrate import reference_run_kwargs
     from .distributed import current_world
-    from .files import load_schedule
+    from .files import load_schedule, shipped_schedule_for
     from .generate import check_schedule, compare_with_uncached
     from .generate import generate as run_generation
     from .models.registry import resolve_model
     from .outputs import check_output_folder, check_output_path, save_image, save_video, video_output_path
 
-    if schedule is not None and no_cache:
-        raise UsageError("--schedule and --no-cache exclude each other: pass one")
-    if schedule is None and not no_cache:
-        raise UsageError("no schedule: pass --schedule FILE (from 'meancache plan') or --no-cache")
+    if sum((schedule is not None, budget is not None, no_cache)) > 1:
+        raise UsageError("--schedule, --budget and --no-cache exclude each other: pass one")
+    if schedule is None and budget is None and not no_cache:
+        raise UsageError("no schedule: pass --schedule FILE (from 'meancache plan'), --budget B (a shipped schedule) "
+                         "or --no-cache")
     if (prompt is None) == (prompts is None):
         raise UsageError("pass either --prompt TEXT (one output) or --prompts FILE (a directory of outputs)")
     if repeat < 1 or batch_size < 1:
         raise UsageError(f"--repeat {repeat} / --batch-size {batch_size} is invalid: use 1 or more")
     spec = resolve_model(model)
+    if budget is not None:
+        schedule = shipped_schedule_for(spec.name, budget)
     check_frames(spec, frames)
     video = spec.fps is not None
     if prompts is not None:

@@ -23,12 +23,12 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def calibration(model_dir, tmp_path_factory) -> str:
-    """A 10-step calibration of the tiny pipeline: 2 prompts × 2 seeds, Kmax 2, made by the CLI."""
+    """A 10-step calibration of the tiny pipeline: 2 prompts × 2 seeds, look-back 3, made by the CLI."""
     from cli_helpers import run_process
 
     out = tmp_path_factory.mktemp("cal") / "cal.safetensors"
     result = run_process(["calibrate", "--model", model_dir, "--prompt", "a red circle", "--prompt",
                           "a blue star", "--seeds", "0,1", "--steps", "10", "--height", "32", "--width", "32",
-                          "--kmax", "2", "--out", str(out), "--json"])
+                          "--max-back", "3", "--out", str(out), "--json"])
     assert result.returncode == 0, result.stderr.decode()
     return str(out)

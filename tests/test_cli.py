@@ -15,18 +15,18 @@ SIZE = ["--height", "32", "--width", "32"]
 def test_calibration_file_holds_the_run(calibration, model_dir) -> None:
     loaded = load_calibration(calibration)
     assert loaded.trajectories == 4
-    assert loaded.errors.shape == (3, 11, 11)
+    assert loaded.errors.reuse.shape == (11, 11) and loaded.errors.jvp.shape == (2, 3, 11, 11)
     assert loaded.prompts == ["a red circle", "a blue star"] and loaded.seeds == [0, 1]
     assert loaded.model == model_dir and loaded.pipeline_class == "FluxPipeline"
     assert (loaded.height, loaded.width) == (32, 32)
-    assert np.isnan(loaded.errors[2, 1, 5]) and loaded.errors[1, 1, 5] > 0
+    assert np.isnan(loaded.errors.jvp[1, 2, 1, 5]) and loaded.errors.jvp[1, 0, 1, 5] > 0
     assert loaded.sigmas[0] == 1.0 and loaded.sigmas[-1] == 0.0
 
 
 def test_plan_to_stdout_feeds_generate_through_a_pipe(calibration, model_dir, tmp_path) -> None:
     planned = run_process(["plan", "--calibration", calibration, "--budget", "4"])
     assert planned.returncode == 0, planned.stderr.decode()
-    assert b"compute steps:" in planned.stderr and planned.stdout.startswith(b"format_version: 1")
+    assert b"compute steps:" in planned.stderr and planned.stdout.startswith(b"format_version: 2")
     out = tmp_path / "cached.png"
     generated = run_process(["generate", "--model", model_dir, "--schedule", "-", "--prompt", "a red circle",
                              *SIZE, "--out", str(out), "--json"], stdin=planned.stdout)

@@ -14,7 +14,7 @@ from meancache_cli.files import load_calibration
 
 CALIBRATE = ["calibrate", "--model", "demo", "--prompt", "a red circle on a blue background", "--prompt",
              "a white star on a black background", "--prompt", "a green square on a yellow background",
-             "--seeds", "3,4", "--steps", "12", "--kmax", "3"]
+             "--seeds", "3,4", "--steps", "12", "--max-back", "3"]
 
 
 def test_world_shares_cover_every_item_once() -> None:
@@ -36,7 +36,8 @@ def test_two_process_calibration_equals_one_process(tmp_path) -> None:
     assert b'"processes": 2' in two.stdout and two.stdout.count(b"{") == 1
     a, b = load_calibration(single), load_calibration(double)
     assert a.metadata() == b.metadata() and b.trajectories == 6
-    np.testing.assert_allclose(b.errors, a.errors, rtol=1e-9, atol=1e-15, equal_nan=True)
+    np.testing.assert_allclose(b.errors.jvp, a.errors.jvp, rtol=1e-9, atol=1e-15, equal_nan=True)
+    np.testing.assert_allclose(b.errors.reuse, a.errors.reuse, rtol=1e-9, atol=1e-15, equal_nan=True)
     for name, values in a.step_statistics.items():
         np.testing.assert_allclose(b.step_statistics[name], values, rtol=1e-9, equal_nan=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "two.safetensors"]

@@ -28,12 +28,12 @@ def files(calibration, model_dir, tmp_path_factory) -> dict[str, str]:
     (root / "truncated.safetensors").write_bytes(raw[: len(raw) // 3])
     (root / "garbage.safetensors").write_bytes(b"\x00\x01garbage" * 10)
     (root / "empty.txt").write_text("\n# only a comment\n")
-    (root / "v2.yaml").write_text(schedule.read_text().replace("format_version: 1", "format_version: 2"))
+    (root / "v2.yaml").write_text(schedule.read_text().replace("format_version: 2", "format_version: 3"))
     (root / "other-model.yaml").write_text(schedule.read_text().replace(f"model: {model_dir}", "model: demo"))
     bad = load_calibration(calibration)
-    bad.errors[1, 2, 5] = np.nan
+    bad.errors.jvp[1, 0, 2, 5] = np.nan
     save_calibration(bad, root / "nan.safetensors")
-    bad.errors[1, 2, 5] = np.inf
+    bad.errors.jvp[1, 0, 2, 5] = np.inf
     save_calibration(bad, root / "inf.safetensors")
     return {"cal": calibration, "schedule": str(schedule), "model": model_dir, "root": str(root)}
 
@@ -49,7 +49,10 @@ CASES = [
     case("plan --calibration {cal} --budget 4 --gamma abc", 2, "Invalid value for '--gamma'"),
     case("plan --calibration {cal} --budget 4 --gamma nan", 2, "--gamma nan is invalid"),
     case("plan --calibration {cal} --budget 4 --cost peak", 2, "--cost peak is unknown"),
-    case("plan --calibration {cal} --budget 4 --kmax -1", 2, "--kmax -1 is invalid"),
+    case("plan --calibration {cal} --budget 4 --kmax -1", 2, "--kmax -1 is out of range"),
+    case("plan --calibration {cal} --budget 4 --kmax 9", 2, "--kmax 9 is out of range: use 0"),
+    case("plan --calibration {cal} --budget 4 --lambdas 0.3", 2, "--lambdas 0.3 not calibrated: use some of 0.5,1"),
+    case("plan --calibration {cal} --budget 4 --gamma inf", 2, "--gamma inf is invalid"),
     case("plan --calibration {root}/missing.safetensors --budget 4", 1, "does not exist"),
     case("plan --calibration {root} --budget 4", 1, "is a directory"),
     case("plan --calibration {root}/truncated.safetensors --budget 4", 1, "truncated, corrupted"),
@@ -59,7 +62,8 @@ CASES = [
     case("plan --calibration {root}/inf.safetensors --budget 4", 1, "NaN or Inf"),
     case("plan --calibration {cal} --budget 4 --out {root}/no/dir/s.yaml", 2, "does not exist; create it first"),
     case("plan --calibration {cal} --budget 4 --out /proc/s.yaml", 2, "is not writable"),
-    case("calibrate --model {model} --kmax -1 --out {root}/c.safetensors", 2, "--kmax -1 is invalid"),
+    case("calibrate --model {model} --max-back 0 --out {root}/c.safetensors", 2, "--max-back 0 is invalid"),
+    case("calibrate --model {model} --lambdas 0,2 --out {root}/c.safetensors", 2, "--lambdas '0,2' is invalid"),
     case("calibrate --model {model} --steps 1 --out {root}/c.safetensors", 2, "--steps 1 is too small"),
     case("calibrate --model {model} --prompts {root}/empty.txt --out {root}/c.safetensors", 2, "holds no prompt"),
     case("calibrate --model {model} --prompt x --seeds 1,x --out {root}/c.safetensors", 2, "--seeds '1,x' is invalid"),
@@ -71,7 +75,7 @@ CASES = [
     case("generate --model {model} --prompt x --schedule {cal} --out {root}/o.png", 1,
          "is a calibration, but a schedule is needed"),
     case("generate --model {model} --prompt x --schedule {root}/v2.yaml --out {root}/o.png", 1,
-         "format_version 2 is not supported"),
+         "format_version 3 is not supported"),
     case("generate --model {model} --prompt x --schedule {schedule} --steps 12 --out {root}/o.png", 1,
          "planned for 10 steps but this run uses --steps 12"),
     case("generate --model {model} --prompt x --schedule {root}/other-model.yaml --out {root}/o.png", 1,
@@ -107,7 +111,7 @@ def test_debug_shows_the_traceback(files, capsys) -> None:
 def calibrate_command(model: str, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "meancache_cli", "calibrate", "--model", model, "--prompt", "a red circle",
             "--prompt", "a blue star", "--prompt", "a green square", "--seeds", "0,1", "--steps", "8", *SIZE,
-            "--kmax", "2", "--out", str(out), *extra]
+            "--max-back", "2", "--out", str(out), *extra]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -138,5 +142,6 @@ def test_interrupted_calibration_leaves_nothing_and_resumes_to_the_same_result(m
     fresh = subprocess.run(calibrate_command(model_dir, fresh_out), cwd=ROOT, capture_output=True)
     assert fresh.returncode == 0, fresh.stderr.decode()
     a, b = load_calibration(out), load_calibration(fresh_out)
-    np.testing.assert_array_equal(a.errors, b.errors)
+    np.testing.assert_array_equal(a.errors.jvp, b.errors.jvp)
+    np.testing.assert_array_equal(a.errors.reuse, b.errors.reuse)
     assert a.metadata() == b.metadata() and a.trajectories == 6

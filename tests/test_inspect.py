@@ -27,7 +27,7 @@ def test_inspect_summarizes_and_plots_a_schedule_on_its_calibration(calibration,
     calibrated = run_cli(["inspect", calibration], capsys)
     assert calibrated.code == 0
     assert "kind: calibration" in calibrated.stdout and "trajectories: 4" in calibrated.stdout
-    assert "kmax: 2" in calibrated.stdout
+    assert "max_back: 3" in calibrated.stdout
 
 
 def test_same_seed_and_schedule_give_the_same_bytes_across_processes(model_dir, calibration, tmp_path) -> None:

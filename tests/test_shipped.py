@@ -1,0 +1,45 @@
+"""Shipped schedules: the authors' published ones run with exactly B forwards per branch on their model
+family, and the demo's are what `make schedules` makes today."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import ForwardCounter
+from tiny_models import TINY_MODELS
+
+from meancache_cli import apply_meancache, load_schedule, remove_meancache
+from meancache_cli.files import shipped_schedules
+from meancache_cli.shipped import BUDGETS, demo_schedules
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.mark.parametrize(("model", "budgets"), [("qwen-image", (10, 17, 25)), ("z-image", (13, 15, 17, 20, 25))])
+def test_authors_schedules_run_exactly_budget_forwards_per_branch_at_fifty_steps(model: str, budgets) -> None:
+    tiny = TINY_MODELS[model]
+    pipe = tiny.build()
+    counter = ForwardCounter(tiny.embedder(pipe.transformer))
+    for budget in budgets:
+        schedule = load_schedule(f"{model}/authors-b{budget}")
+        assert schedule.estimator == "release" and schedule.num_inference_steps == 50 and schedule.model == model
+        before = counter.calls
+        apply_meancache(pipe, schedule)
+        try:
+            latents = pipe(PROMPT, num_inference_steps=50, output_type="latent",
+                           generator=torch.Generator().manual_seed(0), **tiny.call).images
+        finally:
+            remove_meancache(pipe)
+        assert counter.calls - before == budget * tiny.branches
+        assert torch.isfinite(torch.as_tensor(latents)).all()
+
+
+def test_make_schedules_reproduces_the_shipped_demo_schedules() -> None:
+    made = demo_schedules(budgets=(10,))
+    for stem, schedule in made.items():
+        shipped = load_schedule(shipped_schedules()[f"demo/{stem}"])
+        assert (schedule.compute_steps, schedule.orders, schedule.lambdas) == (
+            shipped.compute_steps, shipped.orders, shipped.lambdas)
+        assert schedule.edge_costs == pytest.approx(shipped.edge_costs, rel=1e-6)
+        assert schedule.notes == shipped.notes
+    assert {f"demo/{prefix}b{b}" for prefix in ("", "plain-") for b in BUDGETS} <= set(shipped_schedules())
