@@ -455,11 +455,10 @@ def bench_real_size(out: Path, report: Path | None, budgets: tuple[int, ...] | N
 
     if quick or model != "demo":
         raise UsageError("--quick and --model do not apply to --real-size: use --repeats 1 and --families")
-    results = run_real_size(families, device, reduced, steps, budgets, repeats, compile_mode,
-                            log=lambda line: stderr.print(line, highlight=False))
-    out.mkdir(exist_ok=True)
     report = report or default_report_path(out)
-    write_real_size(results, out, report)
+    results = run_real_size(families, device, reduced, steps, budgets, repeats, compile_mode,
+                            log=lambda line: stderr.print(line, highlight=False),
+                            on_result=lambda partial: write_real_size(partial, out, report))
     rows, text = summary(results)
     emit({"report": str(report), "results": str(out / "realsize.json"), "rows": rows}, as_json,
          f"{text}\nwrote {report} and {out / 'realsize.json'}")

@@ -612,10 +612,12 @@ def check_device(device: str | None, reduced: bool) -> str:
 
 def run_real_size(families: str | None, device: str | None, reduced: bool, steps: int | None,
                   budgets: tuple[int, ...] | None, repeats: int | None, compile_mode: str,
-                  log: Callable[[str], None], compile_backend: str = "inductor") -> dict[str, Any]:
+                  log: Callable[[str], None], compile_backend: str = "inductor",
+                  on_result: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
     """Measure each family in turn (one transformer in memory at a time) and return the results document.
 
     `families` is comma-separated (all four when None); steps, budgets and repeats default to 50, (10, 17, 25), 3.
+    `on_result` gets the document after each family, so a family that fails late does not lose the others.
     """
     steps, budgets, repeats = steps or STEPS, sorted(budgets or BUDGETS), repeats or 3
     if compile_mode not in COMPILE_MODES:
@@ -630,9 +632,14 @@ def run_real_size(families: str | None, device: str | None, reduced: bool, steps
     device = check_device(device, reduced)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     env = environment(device)
-    rows = []
+    results: dict[str, Any] = {"kind": "meancache-realsize", "steps": steps, "budgets": budgets, "rows": []}
     for config in configs:
-        row = measure_family(config, device, dtype, steps, budgets, repeats, compile_mode, compile_backend, log)
-        row["environment"] = env
-        rows.append(row)
-    return {"kind": "meancache-realsize", "steps": steps, "budgets": budgets, "rows": rows}
+        try:
+            row = measure_family(config, device, dtype, steps, budgets, repeats, compile_mode, compile_backend, log)
+        except torch.cuda.OutOfMemoryError:
+            kept = ", ".join(r["family"] for r in results["rows"]) or "none"
+            raise MeanCacheError(f"{config.family} does not fit in this GPU's memory (rows kept: {kept}); use a "
+                                 "larger GPU, or --families without it") from None
+        results["rows"].append({**row, "environment": env})
+        on_result(results)
+    return results

@@ -35,7 +35,8 @@ def load_results(out_dir: Path) -> dict[str, Any] | None:
 
 
 def write_real_size(results: dict[str, Any], out_dir: Path, report_path: Path) -> dict[str, Any]:
-    """Merge into OUT/realsize.json and rewrite the report's real-size section (creating the report if needed)."""
+    """Merge into OUT/realsize.json and rewrite the report's real-size section (creating both if needed)."""
+    Path(out_dir).mkdir(exist_ok=True)
     merged = merge(load_results(out_dir), results)
     write_atomic(Path(out_dir) / RESULTS_FILE, (json.dumps(merged, indent=1) + "\n").encode())
     text = report_path.read_text() if report_path.is_file() else "# Benchmarks\n"
