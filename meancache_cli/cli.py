@@ -436,27 +436,67 @@ def bench(
     out: Annotated[Path, typer.Option("--out", help="Directory for results.json and figures.")] = Path("docs/bench"),
     report: Annotated[Path | None, typer.Option(
         "--report", help="Markdown report (default docs/benchmarks.md for --out docs/bench, else OUT/).")] = None,
-    budgets: Annotated[str | None, typer.Option(help="Comma-separated budgets B (default 8,10,13,17,25).")] = None,
+    budgets: Annotated[str | None, typer.Option(
+        help="Comma-separated budgets B (default 8,10,13,17,25; 10,17,25 with --real-size).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps N (model default if omitted).")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed runs per method (default 3, quick 1).")] = None,
-    device: DeviceOption = "cpu",
+    device: Annotated[str | None, typer.Option(
+        "--device", help="Torch device (default cpu; cuda with --real-size).")] = None,
+    real_size: Annotated[bool, typer.Option("--real-size", help=(
+        "Speed and memory at real size instead: FLUX.1-dev, Qwen-Image, Wan 2.1 1.3B and HunyuanVideo "
+        "transformers from their published configs, random bf16 weights on CUDA, at their default size; N = 50 "
+        "uncached vs MeanCache at B = 10, 17, 25 on the loop their pipeline runs, eager and with torch.compile. "
+        "Writes OUT/realsize.json and the report's real-size section."))] = False,
+    reduced: Annotated[bool, typer.Option(
+        "--reduced", help="With --real-size: a few blocks and small latents, on any device (checks the code path).",
+    )] = False,
+    families: Annotated[str | None, typer.Option(
+        "--families", help="With --real-size: comma-separated subset of flux,qwen-image,wan,hunyuanvideo.")] = None,
+    compile_mode: Annotated[str, typer.Option(
+        "--compile", help="With --real-size: regional (repeated blocks), whole (the forward) or none.")] = "regional",
     as_json: JsonOption = False,
 ) -> None:
-    """Benchmark MeanCache against every peer on one model, prompts and seeds, in one process."""
+    """Benchmark MeanCache against every peer on one model, prompts and seeds, in one process;
+    or, with --real-size, its speed and memory on full-size transformers (needs CUDA)."""
     import shlex
 
     from .bench.progress import parse_budgets, run_with_progress
     from .bench.runner import default_report_path
     from .outputs import check_output_folder
 
+    if not real_size and (reduced or families or compile_mode != "regional"):
+        raise UsageError("--reduced, --families and --compile apply only with --real-size")
     check_output_folder(out)
+    if real_size:
+        bench_real_size(out, report, parse_budgets(budgets), steps, repeats, device, reduced, families, compile_mode,
+                        quick, model, as_json)
+        return
     out.mkdir(exist_ok=True)
     report = report or default_report_path(out)
     command = "meancache " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = run_with_progress(model, quick, out, report, command=command, console=stderr,
-                                budgets=parse_budgets(budgets), steps=steps, repeats=repeats, device=device)
+                                budgets=parse_budgets(budgets), steps=steps, repeats=repeats, device=device or "cpu")
     emit({"report": str(report), "out": str(out), "budgets": sorted(results.get("budgets", []))}, as_json,
          f"wrote {report} and {out}/")
+
+
+def bench_real_size(out: Path, report: Path | None, budgets: tuple[int, ...] | None, steps: int | None,
+                    repeats: int | None, device: str | None, reduced: bool, families: str | None, compile_mode: str,
+                    quick: bool, model: str, as_json: bool) -> None:
+    """`bench --real-size`: measure, merge into OUT/realsize.json, rewrite the report's real-size section."""
+    from .bench.realsize import run_real_size
+    from .bench.realsize_report import summary, write_real_size
+    from .bench.runner import default_report_path
+
+    if quick or model != "demo":
+        raise UsageError("--quick and --model do not apply to --real-size: use --repeats 1 and --families")
+    report = report or default_report_path(out)
+    results = run_real_size(families, device, reduced, steps, budgets, repeats, compile_mode,
+                            log=lambda line: stderr.print(line, highlight=False),
+                            on_result=lambda partial: write_real_size(partial, out, report))
+    rows, text = summary(results)
+    emit({"report": str(report), "results": str(out / "realsize.json"), "rows": rows}, as_json,
+         f"{text}\nwrote {report} and {out / 'realsize.json'}")
 
 
 @app.command("inspect")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..files import write_atomic
+from .realsize_report import real_size_section
 
 RESULTS_FILE = "results.json"
 PSNR_TIE = 0.05  # dB: closer than this is a tie, not a win
@@ -333,7 +334,7 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
         lines += [f"## Stress test: B = {stress} (ideal speed-up {steps / stress:.1f}×)", ""]
         lines += budget_table(results, stress) + [""]
     lines += ablation_sections(results)
-    lines += REAL_SIZE_SECTION
+    lines += real_size_section(out_dir)
     lines += ["## Figures", "",
               f"![PSNR against speed-up, one line per method]({_link(out_dir, PARETO_FILE, report_path)})", ""]
     if (out_dir / grid_file(results["ablation_budget"])).exists():
@@ -343,15 +344,6 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
     lines += [f"Raw numbers, per image and per timed run, and every method's settings: "
               f"[{RESULTS_FILE}]({_link(out_dir, RESULTS_FILE, report_path)}).", ""]
     return "\n".join(lines)
-
-
-# Real-size timing needs a GPU the CPU bench never has; the row stays pending until one measures it.
-REAL_SIZE_SECTION = [
-    "## Real-size speed (GPU)", "",
-    "| model | setting | uncached | MeanCache B = 10 | wall-clock ratio |", "|---|---|---|---|---|",
-    "| FLUX.1 transformer, full size, random weights | bf16, 1024×1024, N = 50, median of 3 | pending | pending | "
-    "pending: no GPU was available to this task |", "",
-]
 
 
 def _variant_rows(rows: list[dict[str, Any]]) -> list[list[str]]:

@@ -1,0 +1,246 @@
+"""The real-size results file and the benchmark report's "Real-size speed (GPU)" section.
+
+The demo bench's report renders this section from `realsize.json` too, so regenerating it never drops GPU rows.
+Each run replaces only its own families' rows, so a GPU user can fill the table one family at a time;
+reduced-size rows (a smoke run of the code path) are listed apart and never pass for real-size measurements.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..files import write_atomic
+
+RESULTS_FILE = "realsize.json"
+COMMAND = "meancache bench --real-size"
+TITLE = "## Real-size speed (GPU)"
+LABELS = {"flux": "FLUX.1 [dev]", "qwen-image": "Qwen-Image", "wan": "Wan 2.1 T2V 1.3B",
+          "hunyuanvideo": "HunyuanVideo"}
+ORDER = list(LABELS)
+
+
+def merge(previous: dict[str, Any] | None, results: dict[str, Any]) -> dict[str, Any]:
+    """`results` with the rows of `previous` it does not replace (same family and same reduced flag)."""
+    fresh = {(row["family"], row["reduced"]) for row in results["rows"]}
+    kept = [row for row in (previous or {}).get("rows", []) if (row["family"], row["reduced"]) not in fresh]
+    rows = sorted(kept + results["rows"], key=lambda row: (row["reduced"], ORDER.index(row["family"])))
+    return {**results, "rows": rows}
+
+
+def load_results(out_dir: Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / RESULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_real_size(results: dict[str, Any], out_dir: Path, report_path: Path) -> dict[str, Any]:
+    """Merge into OUT/realsize.json and rewrite the report's real-size section (creating both if needed)."""
+    Path(out_dir).mkdir(exist_ok=True)
+    merged = merge(load_results(out_dir), results)
+    write_atomic(Path(out_dir) / RESULTS_FILE, (json.dumps(merged, indent=1) + "\n").encode())
+    text = report_path.read_text() if report_path.is_file() else "# Benchmarks\n"
+    write_atomic(report_path, replace_section(text, section(merged)).encode())
+    return merged
+
+
+def summary(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """Per family: ms per call and speed-up per budget, as JSON rows and as text lines."""
+    rows = [{"family": r["family"], "ms_per_call": r["eager"]["uncached"]["ms_per_call"],
+             "speedups": {b["budget"]: b["speedup"] for b in r["eager"]["budgets"]}} for r in results["rows"]]
+    text = "\n".join(f"{r['family']}: {r['ms_per_call']:.1f} ms per call, speed-up "
+                     + ", ".join(f"B={b} {s:.2f}x" for b, s in r["speedups"].items()) for r in rows)
+    return rows, text
+
+
+def replace_section(text: str, lines: list[str]) -> str:
+    """`text` with its real-size section (title to the next `## ` heading) replaced by `lines`, or them appended."""
+    old = text.splitlines()
+    new = "\n".join(lines).rstrip("\n").splitlines()
+    if TITLE not in old:
+        return "\n".join([*old, "", *new]) + "\n"
+    start = old.index(TITLE)
+    end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+    return "\n".join([*old[:start], *new, "", *old[end:]]).rstrip("\n") + "\n"
+
+
+def real_size_section(out_dir: Path) -> list[str]:
+    """The section for the demo bench's report, from OUT/realsize.json when a real-size run left one."""
+    return section(load_results(out_dir))
+
+
+# -- markdown --------------------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def size_text(bytes_: int | None) -> str:
+    if bytes_ is None:
+        return "—"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if bytes_ >= scale:
+            return f"{bytes_ / scale:.1f} {unit}"
+    return f"{bytes_} B"
+
+
+def count_text(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return str(count)
+
+
+def shape_text(row: dict[str, Any]) -> str:
+    frames = f", {row['frames']} frames" if row.get("frames") else ""
+    branches = f", {row['branches']} branches (CFG)" if row["branches"] > 1 else ""
+    return f"{row['height']}×{row['width']}{frames}: {row['tokens']} tokens{branches}"
+
+
+def text_shape(text: list[dict[str, int]]) -> str:
+    """Text positions per branch, and how many of them are the prompt's tokens where the rest is padding."""
+    return " / ".join(f"{t['length']}" + (f" ({t['prompt']} prompt)" if t["prompt"] < t["length"] else "")
+                      for t in text)
+
+
+def _speedups(summary: dict[str, Any]) -> list[str]:
+    return [f"{b['speedup']:.2f}× of {b['limit']:.2f}×" for b in summary["budgets"]]
+
+
+HOW = [
+    "Each family's transformer at its published size (configs in `meancache_cli/models/real_configs/`, copied from "
+    "the Hub repositories they name), random weights in bf16 (speed and memory do not depend on their values), at "
+    "the resolution and frame count its registry entry defaults to. It is driven by the loop its pipeline runs: "
+    "packed latents, text embeddings of the shapes the pipeline passes, the pipeline's own timesteps (dynamic shift "
+    "included), one call per guidance branch, `scheduler.step`; so MeanCache's hook sees the real sequence of calls. "
+    "N = 50; MeanCache on evenly spaced compute steps (`uniform_schedule`: the speed depends only on how many steps "
+    "compute). Only the transformer loop is timed: text encoders and VAE run once per generation, cached or not.",
+    "",
+    "- **ms / call**: uncached loop time / (N × branches). **Speed-up**: median uncached loop / median cached loop, "
+    "against the N/B limit. Round-robin over methods, after a synchronized diagnostic pass that also warms up.",
+    "- **hook / skipped call**: wall time of a call MeanCache answers without the model (device-synchronized "
+    "diagnostic pass); **hook / loop**: all the time the hooks add to one cached loop.",
+    "- **Peak**: `torch.cuda.max_memory_allocated` during the loop (weights included). **Cache held**: the largest "
+    "total of distinct tensor storages the hook's state referenced after any call; **bound**: see below.",
+    "- **torch.compile**: the same loops on the compiled transformer (regional: `compile_repeated_blocks`; whole: "
+    "the transformer's forward), hooks outside the compiled code; outputs compared with eager as ‖x − x_eager‖ / "
+    "‖x_eager‖ of the final latents, cached and uncached.",
+    "",
+]
+
+BOUND = [
+    "**What the cache holds.** Per guidance branch, MeanCache keeps the latents of every step since the current "
+    "edge's first step plus K look-back steps (at most L + K tensors of the transformer's input dtype, L the longest "
+    "edge in steps), K + 2 velocities in float32 (the computed ones a later estimate reads and the edge's average "
+    "velocity) and the last computed output: at most S·((L + K)·b + 4·(K + 2) + b) bytes for S latent elements "
+    "of b bytes. Evenly spaced at N = 50 and K = 0, L = 5, 3, 2 for B = 10, 17, 25, so in bf16 the bound is 20·S, "
+    "16·S and 14·S bytes per branch: megabytes, against gigabytes of weights and activations. (The bound describes "
+    "the hook as of this section's code; the **cache held** column measures what the hook under test really "
+    "keeps.)",
+    "",
+]
+
+
+def pending_rows() -> list[list[str]]:
+    """What the command will measure, and the cache bound that needs no GPU: computed from the configs."""
+    from .realsize import BUDGETS, FAMILIES, STEPS, cache_bound_bytes, load_real_config
+
+    rows = []
+    for family in FAMILIES:
+        config = load_real_config(family)
+        elements, tokens = latent_size(config)
+        branches = len(config.text)
+        bounds = [size_text(branches * cache_bound_bytes(elements, 2, 2, STEPS, b)) for b in BUDGETS]
+        row = {"height": config.height, "width": config.width, "frames": config.frames, "tokens": tokens,
+               "branches": branches}
+        rows.append([LABELS[family], config.source.split(":")[0], shape_text(row), text_shape(config.text),
+                     " / ".join(bounds)])
+    return rows
+
+
+def latent_size(config: Any) -> tuple[int, int]:
+    """(latent elements per branch, transformer tokens) of `config` at its size, as the pipeline prepares them."""
+    t = config.transformer
+    if config.frames is None:
+        height, width = 2 * (config.height // 16), 2 * (config.width // 16)
+        tokens = (height // 2) * (width // 2)
+        return tokens * t["in_channels"], tokens
+    frames = (config.frames - 1) // 4 + 1
+    elements = t["in_channels"] * frames * (config.height // 8) * (config.width // 8)
+    return elements, frames * (config.height // 16) * (config.width // 16)
+
+
+def section(results: dict[str, Any] | None) -> list[str]:
+    """The whole section: how it is measured, the command, then the tables (or what is still pending)."""
+    rows = (results or {}).get("rows", [])
+    full = [row for row in rows if not row["reduced"]]
+    reduced = [row for row in rows if row["reduced"]]
+    lines = [TITLE, "", *HOW, "Fill or refresh this section (and `docs/bench/realsize.json`) with:", "", "```bash",
+             COMMAND, "```", ""]
+    missing = [LABELS[f] for f in ORDER if f not in {row["family"] for row in full}]
+    if missing:
+        lines += [f"**Not measured yet** ({', '.join(missing)}): the full-size run needs a CUDA GPU, and none was "
+                  "available to this work. Qwen-Image needs a GPU with about 48 GB (its 20B parameters are 41 GB in "
+                  "bf16); `--families` runs a subset, and each run replaces only its own families' "
+                  "rows.", ""]
+    if full:
+        lines += measured(full, results["budgets"])
+    else:
+        lines += _table(["model", "config", "size (tokens per branch)", "text positions per branch",
+                         "cache bound B = 10 / 17 / 25"], pending_rows()) + [""]
+    lines += BOUND
+    if reduced:
+        lines += ["Reduced-size smoke run (a few blocks, small latents: it checks the code path, its times say "
+                  "nothing about real-size speed):", ""]
+        lines += _table(["model", "size", "device", "NFE uncached / cached", "speed-up"],
+                        [[LABELS[r["family"]], shape_text(r), r["environment"]["device_name"] or r["environment"][
+                            "device"], f"{r['eager']['uncached']['nfe']} / "
+                          + ", ".join(str(b["nfe"]) for b in r["eager"]["budgets"]),
+                          ", ".join(_speedups(r["eager"]))] for r in reduced]) + [""]
+    return lines
+
+
+def measured(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
+    environments = {(r["environment"]["device_name"], r["environment"]["torch"], r["environment"]["diffusers"],
+                     r["environment"]["cuda"]) for r in rows}
+    lines = [f"Measured on {name}, torch {torch_}, diffusers {diffusers}, CUDA {cuda}." for name, torch_, diffusers,
+             cuda in sorted(environments)]
+    repeats = sorted({r["repeats"] for r in rows})
+    lines += [f"Median of {', '.join(map(str, repeats))} timed run(s) per method.", ""]
+    header = ["model", "size (tokens)", "text positions", "parameters", "ms / call", "uncached loop",
+              *[f"B = {b}" for b in budgets]]
+    lines += _table(header, [[LABELS[r["family"]], shape_text(r), text_shape(r["text"]), count_text(r["parameters"]),
+                              f"{r['eager']['uncached']['ms_per_call']:.1f}",
+                              f"{r['eager']['uncached']['median_s']:.2f} s", *_speedups(r["eager"])] for r in rows])
+    lines += ["", "Hook cost and memory:", ""]
+    memory = []
+    for r in rows:
+        first = r["eager"]["budgets"][0]
+        memory.append([
+            LABELS[r["family"]], f"{first['hook_ms_per_skipped_call']:.3f} ms", f"{first['hook_ms_per_loop']:.1f} ms",
+            size_text(r["eager"]["uncached"]["peak_bytes"]),
+            " / ".join(size_text(b["peak_bytes"]) for b in r["eager"]["budgets"]),
+            " / ".join(size_text(b["cache_held_bytes"]) for b in r["eager"]["budgets"]),
+            " / ".join(size_text(b["cache_bound_bytes"]) for b in r["eager"]["budgets"]),
+        ])
+    per_budget = " / ".join(map(str, budgets))
+    lines += _table(["model", f"hook / skipped call (B = {budgets[0]})", f"hook / loop (B = {budgets[0]})",
+                     "peak uncached", f"peak cached B = {per_budget}", "cache held", "bound"], memory)
+    compiled = [r for r in rows if r.get("compiled")]
+    if compiled:
+        lines += ["", "MeanCache on the compiled transformer (speed-ups against the compiled uncached loop):", ""]
+        lines += _table(
+            ["model", "mode", "ms / call", *[f"B = {b}" for b in budgets], "difference vs eager, cached",
+             "uncached", "same output", "graphs compiled after warm-up"],
+            [[LABELS[r["family"]], r["compiled"]["mode"], f"{r['compiled']['uncached']['ms_per_call']:.1f}",
+              *_speedups(r["compiled"]),
+              " / ".join(f"{b['difference']:.1e}" for b in r["compiled"]["budgets"]),
+              f"{r['compiled']['uncached_difference']:.1e}",
+              "yes" if all(b["same_output"] for b in r["compiled"]["budgets"]) else
+              f"no (tolerance {r['compiled']['tolerance']:.0e})", str(r["compiled"]["graphs_after_warmup"])]
+             for r in compiled])
+    if not all(r["finite"] for r in rows):
+        lines += ["", "Some final latents were not finite (random weights): the differences above may not mean much."]
+    return lines + [""]
