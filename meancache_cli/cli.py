@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sys
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,7 +34,6 @@ DeviceOption = Annotated[str, typer.Option("--device", help="Torch device.")]
 FramesOption = Annotated[int | None, typer.Option("--frames", help="Video frames (video models; default if omitted).")]
 DtypeOption = Annotated[str | None, typer.Option("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32).")]
 OffloadOption = Annotated[bool, typer.Option("--offload", help="Keep each part on the CPU until it runs.")]
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @app.callback()
@@ -66,32 +64,15 @@ def warn(message: str) -> None:
     stderr.print(f"warning: {message}", style="yellow", highlight=False)
 
 
-def parse_dtype(dtype: str | None, device: str) -> Any:
-    import torch
+def load(spec: Any, device: str, dtype: str | None, offload: bool) -> Any:
+    """Load a resolved model behind a spinner and print what the loader noticed; returns the pipeline."""
+    from .models.loading import load_model
 
-    if dtype is None:
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype} is unknown: use one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[dtype])
-
-
-def load_model(model: str, device: str, dtype: str | None = None, offload: bool = False) -> tuple[Any, Any]:
-    """Resolve and load a pipeline, reporting where it came from and any scheduler it had to replace."""
-    from .models.registry import load_pipeline, resolve_model
-    from .models.schedulers import SchedulerSwapWarning
-
-    spec = resolve_model(model)
-    torch_dtype = parse_dtype(dtype, device)
-    if offload and device == "cpu":
-        raise UsageError("--offload moves parts to an accelerator while they run: use it with --device cuda")
-    with stderr.status(f"loading {spec.name}", spinner="dots"), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SchedulerSwapWarning)
-        pipe = load_pipeline(spec, device=device, dtype=torch_dtype, offload=offload)
-    for warning in caught:
-        if issubclass(warning.category, SchedulerSwapWarning):
-            warn(str(warning.message))
-    return spec, pipe
+    with stderr.status(f"loading {spec.name}", spinner="dots"):
+        _, pipe, notices = load_model(spec, device, dtype, offload)
+    for notice in notices:
+        warn(notice)
+    return pipe
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -190,7 +171,7 @@ def calibrate(
     kwargs = reference_run_kwargs(spec, steps, height, width, frames,
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     world = current_world()
-    spec, pipe = load_model(model, world.device(device), dtype, offload)
+    pipe = load(spec, world.device(device), dtype, offload)
     runs = len(prompt_list) * len(seed_list)
     if not resume and world.is_main:
         remove_shards(out)
@@ -285,8 +266,9 @@ def generate(
     as_json: JsonOption = False,
 ) -> None:
     """Generate an image or a video, running the model only at the schedule's compute steps."""
+    from .batch import generate_batch, pending_jobs, plan_jobs
     from .calibrate import reference_run_kwargs
-    from .distributed import current_world
+    from .distributed import current_world, enable_context_parallel
     from .files import load_schedule
     from .generate import check_schedule, compare_with_uncached
     from .generate import generate as run_generation
@@ -325,11 +307,17 @@ def generate(
             warn(message)
     check_vocabulary(spec, [prompt] if prompts is None else prompt_list)
     world = current_world()
-    spec, pipe = load_model(model, world.device(device), dtype, offload)
+    pipe = load(spec, world.device(device), dtype, offload)
     if context_parallel is not None:
         enable_context_parallel(pipe, context_parallel, world)
     if prompts is not None:
-        generate_batch(pipe, spec, prompt_list, seed, kwargs, plan, out, batch_size, world, fps, as_json)
+        jobs = plan_jobs(prompt_list, seed, out, ".gif" if video else ".png")
+        mine = len(pending_jobs(jobs, world))
+        with progress_bar(f"generating {mine} outputs", mine, enabled=world.is_main) as advance:
+            done = generate_batch(pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, on_image=advance)
+        if done is not None:
+            emit(done, as_json, f"wrote {done.pop('written')} outputs to {out} (manifest.jsonl); "
+                 f"{done['generated']} generated here")
         return
     with progress_bar("generating", steps) as advance:
         result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance)
@@ -350,48 +338,6 @@ def generate(
         text += (f"\nuncached: {summary['reference_nfe']} evaluations; speed-up {summary['speedup']:.2f}x "
                  f"(median of {repeat}); PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} vs uncached")
     emit(summary, as_json, text)
-
-
-def generate_batch(pipe: Any, spec: Any, prompts: list[str], seed: int, kwargs: dict[str, Any], plan: Any,
-                   out: Path, batch_size: int, world: Any, fps: int | None, as_json: bool) -> None:
-    """Every prompt of a file into `out/`, split across torchrun ranks; existing outputs are skipped."""
-    from .batch import merge_manifests, plan_jobs, run_batch
-    from .outputs import save_image, save_video
-
-    out.mkdir(exist_ok=True)
-    jobs = plan_jobs(prompts, seed, out, ".gif" if spec.fps is not None else ".png")
-    provenance = {"model": spec.name, "steps": kwargs["num_inference_steps"]}
-
-    def save(item: Any, path: Path, record: dict[str, Any]) -> None:
-        if spec.fps is not None:
-            save_video(item, path, fps or spec.fps, {**provenance, **record})
-        else:
-            save_image(item, path, {**provenance, **record})
-
-    mine = [job for job in world.share(jobs) if not job.path.exists()]
-    with progress_bar(f"generating {len(mine)} outputs", len(mine), enabled=world.is_main) as advance:
-        done = run_batch(pipe, jobs, kwargs, plan, save, batch_size, world, on_image=advance)
-    world.barrier()
-    if not world.is_main:
-        return
-    records = merge_manifests(out, world.size)
-    summary = {"output": str(out), "manifest": str(out / "manifest.jsonl"), "prompts": len(prompts),
-               "generated": done, "skipped": len(world.share(jobs)) - done, "processes": world.size}
-    emit(summary, as_json, f"wrote {len(records)} outputs to {out} (manifest.jsonl); {done} generated here")
-
-
-def enable_context_parallel(pipe: Any, degree: int, world: Any) -> None:
-    """Split attention over `degree` GPUs with diffusers' context parallelism; MeanCache sits on top."""
-    import torch
-
-    if degree < 2 or degree != world.size:
-        raise UsageError(f"--context-parallel {degree} needs torchrun with exactly {degree} processes "
-                         f"(this run has {world.size})")
-    if not torch.cuda.is_available():
-        raise MeanCacheError("--context-parallel needs CUDA GPUs: diffusers' context parallelism runs on accelerators")
-    from diffusers import ContextParallelConfig
-
-    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
 
 
 @app.command()
