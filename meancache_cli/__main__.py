@@ -1,3 +1,23 @@
-from .cli import main
+"""`python -m meancache_cli` and the `meancache` command.
 
-main()
+Ctrl-C and SIGTERM are handled before the CLI is even imported, so a run stopped during start-up
+exits 130 with one line, like a run stopped later.
+"""
+
+import sys
+
+from .errors import INTERRUPTED_EXIT, raise_on_signals
+
+
+def run() -> None:
+    raise_on_signals()
+    try:
+        from .cli import main
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
+    main()
+
+
+if __name__ == "__main__":
+    run()

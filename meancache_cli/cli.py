@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,11 +12,32 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperCommand, TyperGroup
 
-from .errors import MeanCacheError, UsageError
+from .errors import INTERRUPTED_EXIT, MeanCacheError, UsageError, raise_on_signals
+
+
+class _BareFlags:
+    """typer's help shows a flag as `--json <bool>`, as if it took a value: show flags bare."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_BareFlags, TyperCommand):
+    pass
+
+
+class Group(_BareFlags, TyperGroup):
+    pass
+
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Training-free average-velocity caching for diffusers flow-matching pipelines.",
 )
 stderr = Console(stderr=True)
@@ -36,8 +56,27 @@ DtypeOption = Annotated[str | None, typer.Option("--dtype", help="bf16, fp16 or 
 OffloadOption = Annotated[bool, typer.Option("--offload", help="Keep each part on the CPU until it runs.")]
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meancache-cli")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def print_version(value: bool) -> None:
+    if value:
+        print(f"meancache {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=print_version)] = False,
+) -> None:
     DEBUG["on"] = debug
 
 
@@ -127,7 +166,7 @@ def guidance_kwargs(cfg: float | None, negative: str | None, guidance: float | N
     return {"true_cfg_scale": cfg, "negative_prompt": negative, "guidance_scale": guidance}
 
 
-@app.command()
+@app.command(cls=Command)
 def calibrate(
     out: Annotated[Path, typer.Option("--out", help="Calibration file to write (.safetensors).")],
     model: ModelOption = "demo",
@@ -195,7 +234,7 @@ def calibrate(
          f"N={steps}, Kmax={kmax}")
 
 
-@app.command("plan")
+@app.command("plan", cls=Command)
 def plan(
     calibration: Annotated[str, typer.Option("--calibration", help="Calibration file, or - for stdin.")],
     budget: Annotated[int, typer.Option("--budget", help="Model evaluations per generation (B).")],
@@ -232,10 +271,10 @@ def plan(
     emit(summary, as_json, text, to_stderr=out == "-")
 
 
-app.command("schedule", help="Alias of plan.")(plan)
+app.command("schedule", cls=Command, help="Alias of plan.")(plan)
 
 
-@app.command()
+@app.command(cls=Command)
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Image (.png, .jpg, .webp) or video (.mp4, .gif) to write; "
                                       "a directory with --prompts.")],
@@ -340,7 +379,7 @@ def generate(
     emit(summary, as_json, text)
 
 
-@app.command()
+@app.command(cls=Command)
 def bench(
     model: ModelOption = "demo",
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few prompts, B = 10, one timing run.")] = False,
@@ -370,7 +409,7 @@ def bench(
          f"wrote {report} and {out}/")
 
 
-@app.command("inspect")
+@app.command("inspect", cls=Command)
 def inspect_file(
     path: Annotated[str, typer.Argument(help="A calibration or a schedule file (- for stdin).")],
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: error map, path, velocity change.")] = None,
@@ -407,7 +446,7 @@ def inspect_file(
     emit(data, as_json, summary_text(data))
 
 
-@app.command()
+@app.command(cls=Command)
 def models(as_json: JsonOption = False) -> None:
     """List the registered models."""
     from .models.registry import registered_models
@@ -425,35 +464,31 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """A kill is handled like Ctrl-C, so temporary files are removed on the way out."""
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     """Entry point: one-line errors with documented exit codes (2 usage, 1 runtime, 130 interrupted)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    # Set both explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps that.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    raise_on_signals()
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="meancache")
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        fail("interrupted", 130)
+        fail("interrupted", INTERRUPTED_EXIT)
     except MeanCacheError as error:
         if DEBUG["on"]:
             raise
         fail(f"error: {error}", error.exit_code)
     except Exception as error:
         if hasattr(error, "format_message") and hasattr(error, "exit_code"):
-            # typer's (vendored) click usage errors: bad option values, missing options.
+            # typer's (vendored) click usage errors: bad option values, missing options; with no
+            # arguments at all typer has printed the help already and the message is empty.
+            if not error.format_message():
+                sys.exit(error.exit_code)
             fail(f"error: {error.format_message()} (see --help)", error.exit_code)
         if DEBUG["on"]:
             raise
         message = str(error).splitlines()[0] if str(error) else ""
         fail(f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", 1)
-    if code == 130:
-        fail("interrupted", 130)  # typer turns Ctrl-C into a returned exit code outside standalone mode
+    if code == INTERRUPTED_EXIT:
+        fail("interrupted", INTERRUPTED_EXIT)  # typer turns Ctrl-C into a returned exit code outside standalone mode

@@ -79,3 +79,22 @@ def test_schedule_for_other_steps_is_refused_and_nothing_written(calibration, mo
                      "--out", str(out)], capsys)
     assert other.code == 1 and f"planned for model '{model_dir}' but this run uses 'demo'" in other.stderr
     assert not out.exists()
+
+
+def test_no_arguments_prints_usage_and_exits_2(capsys) -> None:
+    result = run_cli([], capsys)
+    assert result.code == 2
+    assert "Usage: meancache [OPTIONS] COMMAND" in result.stdout + result.stderr
+    assert "error" not in result.stderr
+
+
+def test_version_and_flags_shown_as_flags(capsys) -> None:
+    from importlib.metadata import version
+
+    shown = run_cli(["--version"], capsys)
+    assert shown.code == 0 and shown.stdout == f"meancache {version('meancache-cli')}\n"
+    for command in (["--help"], ["plan", "--help"], ["generate", "--help"], ["calibrate", "--help"]):
+        result = run_cli(command, capsys)
+        assert result.code == 0 and "--help" in result.stdout
+        assert "<bool>" not in result.stdout, command
+    assert "--no-cache " in run_cli(["generate", "--help"], capsys).stdout

@@ -140,3 +140,17 @@ def test_interrupted_calibration_leaves_nothing_and_resumes_to_the_same_result(m
     a, b = load_calibration(out), load_calibration(fresh_out)
     np.testing.assert_array_equal(a.errors, b.errors)
     assert a.metadata() == b.metadata() and a.trajectories == 6
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_during_start_up_exits_130_without_a_traceback(model_dir, tmp_path, signum: int) -> None:
+    out = tmp_path / "cal.safetensors"
+    process = subprocess.Popen(calibrate_command(model_dir, out), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    time.sleep(1.5)  # still importing torch and diffusers, or loading the model
+    assert process.poll() is None
+    process.send_signal(signum)
+    out_text, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err.decode()
+    assert err.decode() == "interrupted\n" and out_text == b""
+    assert list(tmp_path.iterdir()) == []
