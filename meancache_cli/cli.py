@@ -191,12 +191,15 @@ def calibrate(
     from .calibrate import calibrate as run_calibration
     from .calibrate import reference_run_kwargs, remove_shards, shard_directory
     from .distributed import current_world
-    from .files import save_calibration
+    from .files import save_calibration, writes_to_stdout
     from .models.registry import resolve_model
     from .outputs import check_output_directory
 
     if kmax < 0:
         raise UsageError(f"--kmax {kmax} is invalid: use 0 or more")
+    to_stdout = writes_to_stdout(out)
+    if as_json and to_stdout:
+        raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
     check_output_directory(out)
     spec = resolve_model(model)
     steps = steps if steps is not None else spec.steps
@@ -231,7 +234,7 @@ def calibrate(
     summary = {"output": str(out), "model": spec.name, "steps": steps, "kmax": kmax, "runs": runs,
                "trajectories": calibration.trajectories, "processes": world.size}
     emit(summary, as_json, f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), "
-         f"N={steps}, Kmax={kmax}")
+         f"N={steps}, Kmax={kmax}", to_stderr=to_stdout)
 
 
 @app.command("plan", cls=Command)
@@ -247,17 +250,16 @@ def plan(
 ) -> None:
     """Choose the compute steps: the cheapest path with exactly BUDGET model evaluations."""
     from .core.stability import COST_KINDS
-    from .files import load_calibration, save_schedule
+    from .files import load_calibration, save_schedule, writes_to_stdout
+    from .outputs import check_output_directory
     from .plan import plan_schedule
 
     if cost not in COST_KINDS:
         raise UsageError(f"--cost {cost} is unknown: use one of {', '.join(COST_KINDS)}")
-    if as_json and out == "-":
-        raise UsageError("--json and --out - both write to stdout: give --out FILE with --json")
-    if out != "-":
-        from .outputs import check_output_directory
-
-        check_output_directory(out)
+    to_stdout = writes_to_stdout(out)
+    if as_json and to_stdout:
+        raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
+    check_output_directory(out)
     schedule = plan_schedule(load_calibration(calibration), budget, gamma, cost, max_skip, kmax, calibration)
     save_schedule(schedule, out)
     steps = schedule.num_inference_steps
@@ -268,7 +270,7 @@ def plan(
             f"orders K:      {' '.join(map(str, schedule.orders))}\n"
             f"predicted cost: {schedule.predicted_cost:.4g} ({schedule.budget} of {steps} steps, "
             f"ideal speed-up {steps / schedule.budget:.1f}x)")
-    emit(summary, as_json, text, to_stderr=out == "-")
+    emit(summary, as_json, text, to_stderr=to_stdout)
 
 
 app.command("schedule", cls=Command, help="Alias of plan.")(plan)
@@ -429,7 +431,7 @@ def inspect_file(
     if plot is not None:
         from .outputs import check_output_directory
 
-        check_output_directory(plot)
+        check_output_directory(plot, flag="--plot")
     item = load_file(path)
     data = summary(item)
     if plot is not None:
