@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -103,25 +104,40 @@ def warn(message: str) -> None:
     stderr.print(f"warning: {message}", style="yellow", highlight=False)
 
 
-def load(spec: Any, device: str, dtype: str | None, offload: bool) -> Any:
-    """Load a resolved model behind a spinner and print what the loader noticed; returns the pipeline."""
-    from .models.loading import load_model
+def load(spec: Any, device: str, dtype: str | None, offload: bool, call_kwargs: dict[str, Any]) -> Any:
+    """Load a resolved model behind a spinner, check the image size it will run at and print what the
+    loader noticed; returns the pipeline."""
+    from .models.loading import check_image_size, load_model
 
     with stderr.status(f"loading {spec.name}", spinner="dots"):
         _, pipe, notices = load_model(spec, device, dtype, offload)
+    check_image_size(pipe, call_kwargs.get("height"), call_kwargs.get("width"))
     for notice in notices:
         warn(notice)
     return pipe
 
 
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below 2^64
+
+
 def parse_seeds(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise UsageError("--seeds is empty: give comma-separated integers such as 0,1,2")
     try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
+        seeds = [int(part) for part in parts]
     except ValueError:
         raise UsageError(f"--seeds '{text}' is invalid: give comma-separated integers such as 0,1,2") from None
-    if not seeds:
-        raise UsageError("--seeds is empty: give comma-separated integers such as 0,1,2")
+    for seed in seeds:
+        check_seed(seed, "--seeds")
     return seeds
+
+
+def check_seed(seed: int, flag: str = "--seed", count: int = 1) -> None:
+    """Seeds `seed` … `seed + count − 1` must all be valid torch seeds."""
+    if seed < 0 or seed + count - 1 >= SEED_LIMIT:
+        extra = f" (with {count} prompts, seeds up to {seed + count - 1} are used)" if count > 1 else ""
+        raise UsageError(f"{flag} {seed} is out of range{extra}: use an integer from 0 to 2^64 − 1")
 
 
 def read_prompts(prompts: list[str], prompts_file: Path | None, defaults: list[str]) -> list[str]:
@@ -153,6 +169,12 @@ def check_steps(steps: int) -> None:
         raise UsageError(f"--steps {steps} is too small: use 2 or more")
 
 
+def check_size(height: int | None, width: int | None) -> None:
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} is invalid: use a positive number of pixels (omit it for the default)")
+
+
 def check_frames(spec: Any, frames: int | None) -> None:
     if frames is not None and spec.fps is None:
         raise UsageError(f"--frames: {spec.name} makes images, not videos; leave --frames out")
@@ -161,8 +183,13 @@ def check_frames(spec: Any, frames: int | None) -> None:
 
 
 def guidance_kwargs(cfg: float | None, negative: str | None, guidance: float | None) -> dict[str, Any]:
-    if cfg is not None and cfg > 1 and not negative:
-        raise UsageError("--true-cfg-scale needs --negative-prompt: true CFG runs the negative prompt as a branch")
+    """Guidance options for the pipeline call; an empty negative prompt is the usual one for true CFG."""
+    for flag, value in (("--true-cfg-scale", cfg), ("--guidance-scale", guidance)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} {value} is invalid: use a finite number ≥ 0")
+    if cfg is not None and cfg > 1 and negative is None:
+        raise UsageError('--true-cfg-scale needs --negative-prompt: true CFG runs the negative prompt as a branch '
+                         '(--negative-prompt "" is the usual one)')
     return {"true_cfg_scale": cfg, "negative_prompt": negative, "guidance_scale": guidance}
 
 
@@ -210,10 +237,11 @@ def calibrate(
     seed_list = parse_seeds(seeds) if seeds is not None else spec.calibration_seeds
     check_vocabulary(spec, prompt_list)
     check_frames(spec, frames)
+    check_size(height, width)
     kwargs = reference_run_kwargs(spec, steps, height, width, frames,
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     world = current_world()
-    pipe = load(spec, world.device(device), dtype, offload)
+    pipe = load(spec, world.device(device), dtype, offload, kwargs)
     runs = len(prompt_list) * len(seed_list)
     if not resume and world.is_main:
         remove_shards(out)
@@ -322,8 +350,9 @@ def generate(
         raise UsageError("no schedule: pass --schedule FILE (from 'meancache plan') or --no-cache")
     if (prompt is None) == (prompts is None):
         raise UsageError("pass either --prompt TEXT (one output) or --prompts FILE (a directory of outputs)")
-    if repeat < 1 or batch_size < 1:
-        raise UsageError(f"--repeat {repeat} / --batch-size {batch_size} is invalid: use 1 or more")
+    for flag, value in (("--repeat", repeat), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} {value} is invalid: use 1 or more")
     spec = resolve_model(model)
     check_frames(spec, frames)
     video = spec.fps is not None
@@ -338,6 +367,8 @@ def generate(
         out, fallback = video_output_path(out)
         if fallback:
             warn(fallback)
+    check_seed(seed, count=len(prompt_list) if prompts is not None else 1)
+    check_size(height, width)
     plan = load_schedule(schedule) if schedule is not None else None
     steps = steps if steps is not None else (plan.num_inference_steps if plan else spec.steps)
     check_steps(steps)
@@ -348,7 +379,7 @@ def generate(
             warn(message)
     check_vocabulary(spec, [prompt] if prompts is None else prompt_list)
     world = current_world()
-    pipe = load(spec, world.device(device), dtype, offload)
+    pipe = load(spec, world.device(device), dtype, offload, kwargs)
     if context_parallel is not None:
         enable_context_parallel(pipe, context_parallel, world)
     if prompts is not None:

@@ -98,3 +98,17 @@ def test_version_and_flags_shown_as_flags(capsys) -> None:
         assert result.code == 0 and "--help" in result.stdout
         assert "<bool>" not in result.stdout, command
     assert "--no-cache " in run_cli(["generate", "--help"], capsys).stdout
+
+
+def test_an_empty_negative_prompt_runs_true_cfg(model_dir, capsys, tmp_path) -> None:
+    cfg = ["--true-cfg-scale", "4", "--negative-prompt", ""]
+    out = tmp_path / "cal.safetensors"
+    calibrated = run_cli(["calibrate", "--model", model_dir, "--prompt", "a red circle", "--seeds", "0", "--steps", "4",
+                          "--kmax", "1", *SIZE, *cfg, "--out", str(out), "--json"], capsys)
+    assert calibrated.code == 0, calibrated.stderr
+    assert json.loads(calibrated.stdout)["trajectories"] == 2  # the prompt and the empty negative prompt
+    assert load_calibration(out).guidance == {"true_cfg_scale": 4.0, "negative_prompt": ""}
+    generated = run_cli(["generate", "--model", model_dir, "--no-cache", "--steps", "3", "--prompt", "a red circle",
+                         *SIZE, *cfg, "--out", str(tmp_path / "o.png"), "--json"], capsys)
+    assert generated.code == 0, generated.stderr
+    assert json.loads(generated.stdout)["nfe"] == 6
