@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
 from .core.stability import StabilityMaps
 from .distributed import World
-from .errors import UsageError
+from .errors import FileFormatError, UsageError
 from .files import Calibration, write_atomic
 from .hooks import apply_recorder, remove_recorder
 from .models.registry import ModelSpec
@@ -102,8 +103,7 @@ def calibrate(
         for prompt, seed in world.share(runs):
             shard = shards / _shard_name(spec, call_kwargs, kmax, prompt, seed) if shards else None
             if shard is not None and shard.exists():
-                arrays = load_file(shard)
-                maps = StabilityMaps.from_sums(arrays.pop("sigmas"), arrays)
+                maps = _load_shard(shard)
                 if on_resumed is not None:
                     on_resumed(call_kwargs["num_inference_steps"])
             else:
@@ -127,6 +127,16 @@ def calibrate(
         height=call_kwargs.get("height"), width=call_kwargs.get("width"), frames=call_kwargs.get("num_frames"),
         guidance=guidance, trajectories=total.count,
     )
+
+
+def _load_shard(shard: Path) -> StabilityMaps:
+    """The map sums of a run saved by an interrupted calibration; a damaged one is named, with the way out."""
+    try:
+        arrays = load_file(shard)
+        return StabilityMaps.from_sums(arrays.pop("sigmas"), arrays)
+    except (SafetensorError, OSError, KeyError, ValueError):
+        raise FileFormatError(f"the saved run {shard} is unreadable (truncated or corrupted): delete it and run "
+                              "again with --resume, or calibrate without --resume") from None
 
 
 def remove_shards(out: str | Path) -> None:

@@ -141,11 +141,19 @@ def check_seed(seed: int, flag: str = "--seed", count: int = 1) -> None:
 
 
 def read_prompts(prompts: list[str], prompts_file: Path | None, defaults: list[str]) -> list[str]:
+    """The --prompt values, then the lines of --prompts FILE (`-` for stdin; `#` starts a comment)."""
     if prompts_file is not None:
+        from .files import read_bytes
+
+        raw = read_bytes(prompts_file, "--prompts")
         try:
-            lines = [line.strip() for line in prompts_file.read_text().splitlines()]
-        except OSError as error:
-            raise UsageError(f"--prompts {prompts_file}: {error.strerror}; check the path") from None
+            text: str | None = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\0" in text:
+            raise MeanCacheError(f"--prompts {prompts_file} is not a UTF-8 text file: save the prompts as UTF-8 "
+                                 "text, one per line")
+        lines = [line.strip() for line in text.splitlines()]
         from_file = [line for line in lines if line and not line.startswith("#")]
         if not from_file:
             raise UsageError(f"--prompts {prompts_file} holds no prompt: write one prompt per line")
@@ -497,6 +505,24 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+PACKAGES = {"PIL": "pillow", "yaml": "pyyaml"}
+
+
+def describe(error: Exception) -> str:
+    """One line for an exception from a library: the common ones say what to do; anything else is a bug."""
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        module = error.name.split(".")[0]
+        package = PACKAGES.get(module, module.replace("_", "-"))
+        return f"this needs the Python package '{package}', which is not installed: pip install {package}"
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return ("out of memory: lower --height, --width, --frames or --batch-size, or use --offload on a GPU")
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}; check the path, its permissions and the free space"
+    message = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {message} (unexpected: run with --debug for the traceback, and report it)"
+
+
 def main() -> None:
     """Entry point: one-line errors with documented exit codes (2 usage, 1 runtime, 130 interrupted)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -521,7 +547,6 @@ def main() -> None:
             fail(f"error: {error.format_message()} (see --help)", error.exit_code)
         if DEBUG["on"]:
             raise
-        message = str(error).splitlines()[0] if str(error) else ""
-        fail(f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", 1)
+        fail(f"error: {describe(error)}", 1)
     if code == INTERRUPTED_EXIT:
         fail("interrupted", INTERRUPTED_EXIT)  # typer turns Ctrl-C into a returned exit code outside standalone mode

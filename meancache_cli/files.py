@@ -143,6 +143,11 @@ def _umask() -> int:
 def read_bytes(path: str | Path, what: str) -> bytes:
     """The whole file (or stdin for `-`), with a one-line error when it cannot be read."""
     if str(path) == STDIO:
+        if sys.stdin is None or sys.stdin.closed:
+            raise FileFormatError(f"cannot read the {what} from stdin (-): stdin is closed; pipe it in or pass a file")
+        if sys.stdin.isatty():
+            raise FileFormatError(f"the {what} should come from stdin (-), but stdin is a terminal; pipe it in "
+                                  "(e.g. meancache plan ... | meancache generate --schedule - ...) or pass a file")
         return sys.stdin.buffer.read()
     try:
         return Path(path).read_bytes()

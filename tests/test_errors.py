@@ -1,5 +1,6 @@
 """Every bad input: a one-line error, the documented exit code, no traceback, nothing written."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def files(calibration, model_dir, tmp_path_factory) -> dict[str, str]:
     (root / "truncated.safetensors").write_bytes(raw[: len(raw) // 3])
     (root / "garbage.safetensors").write_bytes(b"\x00\x01garbage" * 10)
     (root / "empty.txt").write_text("\n# only a comment\n")
+    (root / "latin1.txt").write_bytes("a red circle on a caf\xe9 background\n".encode("latin-1"))
     (root / "v2.yaml").write_text(schedule.read_text().replace("format_version: 1", "format_version: 2"))
     (root / "other-model.yaml").write_text(schedule.read_text().replace(f"model: {model_dir}", "model: demo"))
     bad = load_calibration(calibration)
@@ -105,6 +107,14 @@ CASES = [
     case("generate --model {model} --prompt x --schedule {schedule} --compare --repeat 0 --out {root}/o.png", 2,
          "--repeat 0 is invalid: use 1 or more"),
     case("inspect {root}/garbage.safetensors", 1, "neither a MeanCache calibration nor a schedule"),
+    # Item 7 of issue 10: a file that cannot be used is one line naming it, exit 1.
+    case("calibrate --model {model} --prompts {root}/latin1.txt --out {root}/c.safetensors", 1,
+         "latin1.txt is not a UTF-8 text file: save the prompts as UTF-8 text, one per line"),
+    case("calibrate --model {model} --prompts {root}/garbage.safetensors --out {root}/c.safetensors", 1,
+         "garbage.safetensors is not a UTF-8 text file"),
+    case("generate --model {model} --prompts {root}/missing.txt --no-cache --out {root}/images", 1,
+         "missing.txt does not exist: check the path"),
+    case("calibrate --model {model} --prompts {root} --out {root}/c.safetensors", 1, "is a directory"),
     case("generate --prompt x", 2, "Missing option '--out'"),
 ]
 
@@ -121,6 +131,34 @@ def test_bad_input(files, capsys, args: str, code: int, message: str) -> None:
     assert "Traceback" not in result.stderr and result.stdout == ""
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert after == before
+
+
+STDIN_READERS = {
+    "schedule": ["generate", "--prompt", "x", "--schedule", "-", "--out", "{tmp}/o.png"],
+    "calibration": ["plan", "--budget", "4", "--calibration", "-"],
+    "inspect": ["inspect", "-"],
+    "prompts": ["calibrate", "--prompts", "-", "--out", "{tmp}/c.safetensors"],
+}
+
+
+@pytest.mark.parametrize("reader", list(STDIN_READERS))
+def test_reading_stdin_when_it_is_closed(tmp_path, reader: str) -> None:
+    args = [a.format(tmp=tmp_path) for a in STDIN_READERS[reader]]
+    result = subprocess.run([sys.executable, "-m", "meancache_cli", *args], cwd=ROOT, capture_output=True,
+                            preexec_fn=lambda: os.close(0))
+    assert result.returncode == 1, result.stderr.decode()
+    assert result.stderr.decode().startswith("error: cannot read the ") and b"stdin is closed" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_library_errors_are_one_line_that_says_what_to_do() -> None:
+    from meancache_cli import cli
+
+    assert cli.describe(ModuleNotFoundError("x", name="imageio_ffmpeg.binaries")) == (
+        "this needs the Python package 'imageio-ffmpeg', which is not installed: pip install imageio-ffmpeg")
+    assert cli.describe(OSError(28, "No space left on device", "/data/cal.safetensors")) == (
+        "No space left on device: /data/cal.safetensors; check the path, its permissions and the free space")
+    assert cli.describe(MemoryError()).startswith("out of memory: lower --height")
 
 
 def test_debug_shows_the_traceback(files, capsys) -> None:

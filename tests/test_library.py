@@ -38,3 +38,17 @@ def test_context_parallel_needs_as_many_processes_as_its_degree(model_dir) -> No
     _, pipe, _ = load_model(model_dir)
     with pytest.raises(UsageError, match=r"--context-parallel 2 needs torchrun with exactly 2 processes \(this run"):
         enable_context_parallel(pipe, 2, World())
+
+
+def test_a_damaged_saved_run_is_named_with_the_way_out(model_dir, tmp_path) -> None:
+    from meancache_cli.calibrate import calibrate
+    from meancache_cli.errors import FileFormatError
+
+    spec, pipe, _ = load_model(model_dir)
+    shards = tmp_path / ".cal.safetensors.shards"
+    calibrate(pipe, spec, ["a red circle"], [0, 1], CALL, kmax=1, shards=shards)
+    damaged = sorted(shards.iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    with pytest.raises(FileFormatError, match=f"the saved run {damaged} is unreadable .truncated or corrupted.: "
+                                              "delete it and run again with --resume, or calibrate without --resume"):
+        calibrate(pipe, spec, ["a red circle"], [0, 1], CALL, kmax=1, shards=shards)
