@@ -86,10 +86,12 @@ def calibrate(
     shards: Path | None = None,
     on_resumed: Callable[[int], None] | None = None,
     world: World | None = None,
+    on_saved: Callable[[], None] | None = None,
 ) -> Calibration:
     """Run the uncached pipeline once per (prompt, seed) and average the error maps of every branch.
 
-    With `shards`, each run's sums are saved there first and runs already saved are not run again.
+    With `shards`, each run's sums are saved there first (then `on_saved` is called) and runs already
+    saved are not run again (`on_resumed` is called with the steps they stand for).
     Under torchrun each rank runs its share of the pairs and the sums are added across ranks.
     """
     world = world or World()
@@ -111,6 +113,8 @@ def calibrate(
                 if shard is not None:
                     shard.parent.mkdir(exist_ok=True)
                     write_atomic(shard, save({"sigmas": np.asarray(maps.sigmas), **maps.sums()}))
+                    if on_saved is not None:
+                        on_saved()
             if total is None:
                 total = maps
             else:

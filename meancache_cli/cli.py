@@ -6,7 +6,9 @@ import json
 import math
 import os
 import sys
+import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperCommand, TyperGroup
 
-from .errors import INTERRUPTED_EXIT, MeanCacheError, UsageError, raise_on_signals
+from .errors import INTERRUPTED_EXIT, Interrupted, MeanCacheError, UsageError, raise_on_signals
 
 
 class _BareFlags:
@@ -79,13 +81,17 @@ def main_options(
                                           callback=print_version)] = False,
 ) -> None:
     DEBUG["on"] = debug
+    if not debug:
+        # Libraries' FutureWarnings and notices are for their developers, not for someone running a command.
+        warnings.simplefilter("ignore")
 
 
 @contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True):
     """A rich progress bar on stderr; yields a function that advances it by one."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True, disable=not enabled) as progress:
+    # Off when stderr is not a terminal: there a transient bar leaves only a blank line behind.
+    with Progress(*columns, console=stderr, transient=True, disable=not (enabled and stderr.is_terminal)) as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
 
@@ -95,13 +101,13 @@ def emit(data: dict[str, Any], as_json: bool, text: str, to_stderr: bool = False
     if as_json:
         print(json.dumps(data))
     elif to_stderr:
-        stderr.print(text, highlight=False)
+        stderr.print(text, highlight=False, soft_wrap=True)
     else:
         print(text)
 
 
 def warn(message: str) -> None:
-    stderr.print(f"warning: {message}", style="yellow", highlight=False)
+    stderr.print(f"warning: {message}", style="yellow", highlight=False, soft_wrap=True)  # one line, like errors
 
 
 def load(spec: Any, device: str, dtype: str | None, offload: bool, call_kwargs: dict[str, Any]) -> Any:
@@ -169,7 +175,14 @@ def check_vocabulary(spec: Any, prompts: list[str]) -> None:
 
     unknown = sorted({word for prompt in prompts for word in unknown_words(prompt)})
     if unknown:
-        warn(f"the demo model does not know {', '.join(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}")
+        warn(f"the demo model does not know {shorten(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}")
+
+
+def shorten(words: list[str], count: int = 8, length: int = 24) -> str:
+    """A few of `words`, each cut to `length` characters: a message never echoes a whole long prompt."""
+    shown = [word if len(word) <= length else word[:length] + "…" for word in words[:count]]
+    more = f" and {len(words) - count} more" if len(words) > count else ""
+    return ", ".join(shown) + more
 
 
 def check_steps(steps: int) -> None:
@@ -223,6 +236,8 @@ def calibrate(
     as_json: JsonOption = False,
 ) -> None:
     """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
+    import numpy as np
+
     from .calibrate import calibrate as run_calibration
     from .calibrate import reference_run_kwargs, remove_shards, shard_directory
     from .distributed import current_world
@@ -255,22 +270,35 @@ def calibrate(
         remove_shards(out)
     world.barrier()
     mine = len(world.share(range(runs)))
+    done = {"reused": 0, "saved": 0}
     with progress_bar(f"calibrating {spec.name}: {mine} runs", mine * steps, enabled=world.is_main) as advance:
 
         def resumed(steps: int) -> None:
+            done["reused"] += 1
             for _ in range(steps):
                 advance()
 
-        calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, kmax=kmax, on_step=advance,
-                                      shards=shard_directory(out), on_resumed=resumed, world=world)
+        def saved() -> None:
+            done["saved"] += 1
+
+        try:
+            calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, kmax=kmax, on_step=advance,
+                                          shards=shard_directory(out), on_resumed=resumed, on_saved=saved,
+                                          world=world)
+        except KeyboardInterrupt:
+            share = "" if world.size == 1 else " of this process's share"
+            raise Interrupted(f"{done['reused'] + done['saved']} of {mine} reference runs{share} are saved in "
+                              f"{shard_directory(out)}; run the same command with --resume to continue") from None
+    reused = int(world.sum_arrays({"reused": np.array([done["reused"]])})["reused"][0])
     if not world.is_main:
         return
     save_calibration(calibration, out)
     remove_shards(out)
     summary = {"output": str(out), "model": spec.name, "steps": steps, "kmax": kmax, "runs": runs,
-               "trajectories": calibration.trajectories, "processes": world.size}
-    emit(summary, as_json, f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), "
-         f"N={steps}, Kmax={kmax}", to_stderr=to_stdout)
+               "reused": reused, "trajectories": calibration.trajectories, "processes": world.size}
+    text = (f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), N={steps}, Kmax={kmax}"
+            + (f"; {reused} of the runs were reused from the interrupted calibration" if resume else ""))
+    emit(summary, as_json, text, to_stderr=to_stdout)
 
 
 @app.command("plan", cls=Command)
@@ -286,7 +314,7 @@ def plan(
 ) -> None:
     """Choose the compute steps: the cheapest path with exactly BUDGET model evaluations."""
     from .core.stability import COST_KINDS
-    from .files import load_calibration, save_schedule, writes_to_stdout
+    from .files import load_calibration, reference_from, save_schedule, writes_to_stdout
     from .outputs import check_output_directory
     from .plan import plan_schedule
 
@@ -297,6 +325,8 @@ def plan(
         raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
     check_output_directory(out)
     schedule = plan_schedule(load_calibration(calibration), budget, gamma, cost, max_skip, kmax, calibration)
+    if schedule.calibration is not None and not to_stdout:
+        schedule = replace(schedule, calibration={**schedule.calibration, "path": reference_from(out, calibration)})
     save_schedule(schedule, out)
     steps = schedule.num_inference_steps
     summary = {"output": out, "budget": schedule.budget, "num_inference_steps": steps,
@@ -461,7 +491,7 @@ def inspect_file(
 ) -> None:
     """Summarize a calibration or a schedule, and plot the error map with the chosen path."""
     from .core.stability import COST_KINDS
-    from .files import Schedule, load_calibration, load_file
+    from .files import Schedule, load_calibration, load_file, resolve_reference
     from .inspect import plot as plot_file
     from .inspect import summary, summary_text
 
@@ -476,9 +506,13 @@ def inspect_file(
     if plot is not None:
         schedule = item if isinstance(item, Schedule) else None
         if schedule is not None:
-            source = calibration or (schedule.calibration or {}).get("path")
-            if source is None:
+            named = (schedule.calibration or {}).get("path")
+            if calibration is None and named is None:
                 raise UsageError("this schedule names no calibration: pass --calibration FILE to plot it")
+            source = calibration or resolve_reference(path, named)
+            if calibration is None and not Path(source).exists():
+                raise MeanCacheError(f"the schedule's calibration {named} is neither beside the schedule nor in the "
+                                     "working directory: pass --calibration FILE")
             cal = load_calibration(source)
         else:
             cal = item
@@ -534,6 +568,8 @@ def main() -> None:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         fail("interrupted", INTERRUPTED_EXIT)
+    except Interrupted as error:
+        fail(f"interrupted: {error}", error.exit_code)
     except MeanCacheError as error:
         if DEBUG["on"]:
             raise

@@ -24,6 +24,12 @@ class ScheduleMismatchError(MeanCacheError):
 INTERRUPTED_EXIT = 130
 
 
+class Interrupted(MeanCacheError):
+    """Ctrl-C or SIGTERM, with what was kept and how to continue."""
+
+    exit_code = INTERRUPTED_EXIT
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 

@@ -159,6 +159,21 @@ def read_bytes(path: str | Path, what: str) -> bytes:
         raise FileFormatError(f"cannot read {what} file {path}: {error.strerror}") from None
 
 
+def reference_from(file: str | Path, target: str | Path) -> str:
+    """How `file` should name `target`: an absolute path stays absolute; a relative one is made relative
+    to `file`'s directory, so the two can move together and be found from any working directory."""
+    if Path(target).is_absolute():
+        return str(target)
+    return os.path.relpath(os.path.abspath(target), os.path.dirname(os.path.abspath(file)))
+
+
+def resolve_reference(file: str | Path, reference: str) -> Path:
+    """The path a file names: relative to the file's directory (see `reference_from`), else, for files
+    written before that rule, relative to the working directory."""
+    beside = Path(file).parent / reference
+    return beside if beside.exists() or not Path(reference).exists() else Path(reference)
+
+
 def sha256_of(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

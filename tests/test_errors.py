@@ -1,5 +1,6 @@
 """Every bad input: a one-line error, the documented exit code, no traceback, nothing written."""
 
+import json
 import os
 import signal
 import subprocess
@@ -186,16 +187,18 @@ def test_interrupted_calibration_leaves_nothing_and_resumes_to_the_same_result(m
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err.decode()
-    assert err.decode().strip().splitlines()[-1] == "interrupted"
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == [shards.name]
     done = len(list(shards.glob("*.safetensors")))
     assert 2 <= done < 6
+    assert err.decode() == (f"interrupted: {done} of 6 reference runs are saved in {shards}; run the same command "
+                            "with --resume to continue\n")
     if signum == signal.SIGTERM:
         return
 
     resumed = subprocess.run(calibrate_command(model_dir, out, "--resume", "--json"), cwd=ROOT, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr.decode()
+    assert json.loads(resumed.stdout)["reused"] == done and resumed.stderr == b""
     assert not shards.exists()
     fresh_out = tmp_path / "fresh.safetensors"
     fresh = subprocess.run(calibrate_command(model_dir, fresh_out), cwd=ROOT, capture_output=True)
@@ -205,15 +208,26 @@ def test_interrupted_calibration_leaves_nothing_and_resumes_to_the_same_result(m
     assert a.metadata() == b.metadata() and a.trajectories == 6
 
 
+def handles(pid: int, signum: int) -> bool:
+    """Whether process `pid` has installed a handler for `signum` (the SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_during_start_up_exits_130_without_a_traceback(model_dir, tmp_path, signum: int) -> None:
     out = tmp_path / "cal.safetensors"
     process = subprocess.Popen(calibrate_command(model_dir, out), cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
-    time.sleep(1.5)  # still importing torch and diffusers, or loading the model
+    deadline = time.monotonic() + 5  # the handlers come before torch and diffusers are imported
+    while not handles(process.pid, signal.SIGTERM) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handles(process.pid, signal.SIGTERM), "no SIGTERM handler 5 s after start"
+    time.sleep(0.5)  # now importing torch and diffusers, or loading the model
     assert process.poll() is None
     process.send_signal(signum)
     out_text, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err.decode()
+    assert process.returncode == 130, (process.returncode, err.decode())
     assert err.decode() == "interrupted\n" and out_text == b""
     assert list(tmp_path.iterdir()) == []

@@ -64,6 +64,16 @@ def check_image_size(pipe: Any, height: int | None, width: int | None) -> None:
             raise UsageError(f"{flag} {value} is not a multiple of {multiple}, which this model needs: use {nearest}")
 
 
+def quiet_libraries() -> None:
+    """Only errors from diffusers' and transformers' loggers: their notices (a CLIP prompt truncated, with
+    the whole rest of the prompt quoted; a missing torchvision) are not for someone running a command."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def load_model(model: str | ModelSpec, device: str = "cpu", dtype: str | None = None,
                offload: bool = False) -> tuple[ModelSpec, Any, list[str]]:
     """Resolve (a name or a directory) and load a pipeline; returns its spec, the pipeline and notices
@@ -73,6 +83,7 @@ def load_model(model: str | ModelSpec, device: str = "cpu", dtype: str | None = 
     torch_dtype = parse_dtype(dtype, device)
     if offload and device == "cpu":
         raise UsageError("--offload moves parts to an accelerator while they run: use it with --device cuda")
+    quiet_libraries()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SchedulerSwapWarning)
         pipe = load_pipeline(spec, device=device, dtype=torch_dtype, offload=offload)
