@@ -11,6 +11,8 @@ from typing import Any
 from .distributed import World
 from .files import Schedule, write_atomic
 from .generate import generate
+from .models.registry import ModelSpec
+from .outputs import save_image, save_video
 
 MANIFEST = "manifest.jsonl"
 
@@ -47,7 +49,7 @@ def run_batch(
     Each finished image appends a line to this rank's manifest part, so an interrupted batch resumes.
     """
     world = world or World()
-    todo = [job for job in world.share(jobs) if not job.path.exists()]
+    todo = pending_jobs(jobs, world)
     part = _rank_manifest(jobs[0].path.parent, world.rank) if jobs else None
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
@@ -79,3 +81,34 @@ def merge_manifests(out_dir: Path, world_size: int) -> list[dict[str, Any]]:
     for rank in range(world_size):
         _rank_manifest(out_dir, rank).unlink(missing_ok=True)
     return merged
+
+
+def pending_jobs(jobs: list[Job], world: World) -> list[Job]:
+    """This rank's jobs whose output does not exist yet."""
+    return [job for job in world.share(jobs) if not job.path.exists()]
+
+
+def generate_batch(pipe: Any, spec: ModelSpec, jobs: list[Job], call_kwargs: dict[str, Any],
+                   schedule: Schedule | None, out_dir: Path, batch_size: int, world: World, fps: int | None,
+                   on_image: Callable[[], None] | None = None) -> dict[str, Any] | None:
+    """Every job into `out_dir/` (images or videos by the model's kind), then the merged manifest.
+
+    Returns the summary on rank 0 and None on the other ranks, which leave reporting to rank 0.
+    """
+    out_dir.mkdir(exist_ok=True)
+    provenance = {"model": spec.name, "steps": call_kwargs["num_inference_steps"]}
+
+    def save(item: Any, path: Path, record: dict[str, Any]) -> None:
+        if spec.fps is not None:
+            save_video(item, path, fps or spec.fps, {**provenance, **record})
+        else:
+            save_image(item, path, {**provenance, **record})
+
+    done = run_batch(pipe, jobs, call_kwargs, schedule, save, batch_size, world, on_image=on_image)
+    world.barrier()
+    if not world.is_main:
+        return None
+    records = merge_manifests(out_dir, world.size)
+    return {"output": str(out_dir), "manifest": str(out_dir / MANIFEST), "prompts": len(jobs),
+            "generated": done, "skipped": len(world.share(jobs)) - done, "processes": world.size,
+            "written": len(records)}

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
 from .core.stability import DEFAULT_LAMBDAS, DEFAULT_MAX_ELEMENTS, StabilityMaps
 from .distributed import World
-from .errors import UsageError
+from .errors import FileFormatError, UsageError
 from .files import Calibration, write_atomic
 from .hooks import apply_recorder, remove_recorder
 from .models.registry import ModelSpec
@@ -99,10 +100,12 @@ def calibrate(
     shards: Path | None = None,
     on_resumed: Callable[[int], None] | None = None,
     world: World | None = None,
+    on_saved: Callable[[], None] | None = None,
 ) -> Calibration:
     """Run the uncached pipeline once per (prompt, seed) and average the error maps of every branch.
 
-    With `shards`, each run's sums are saved there first and runs already saved are not run again.
+    With `shards`, each run's sums are saved there first (then `on_saved` is called) and runs already
+    saved are not run again (`on_resumed` is called with the steps they stand for).
     Under torchrun each rank runs its share of the pairs and the sums are added across ranks.
     """
     world = world or World()
@@ -117,8 +120,7 @@ def calibrate(
         for prompt, seed in world.share(runs):
             shard = shards / _shard_name(spec, call_kwargs, settings, prompt, seed) if shards else None
             if shard is not None and shard.exists():
-                arrays = load_file(shard)
-                maps = StabilityMaps.from_sums(arrays.pop("sigmas"), arrays, settings.lambdas, settings.max_elements)
+                maps = _load_shard(shard, settings)
                 if on_resumed is not None:
                     on_resumed(call_kwargs["num_inference_steps"])
             else:
@@ -126,6 +128,8 @@ def calibrate(
                 if shard is not None:
                     shard.parent.mkdir(exist_ok=True)
                     write_atomic(shard, save({"sigmas": np.asarray(maps.sigmas), **maps.sums()}))
+                    if on_saved is not None:
+                        on_saved()
             if total is None:
                 total = maps
             else:
@@ -143,6 +147,16 @@ def calibrate(
         height=call_kwargs.get("height"), width=call_kwargs.get("width"), frames=call_kwargs.get("num_frames"),
         guidance=guidance, trajectories=total.count, elements=total.elements, latent_elements=total.latent_elements,
     )
+
+
+def _load_shard(shard: Path, settings: MapSettings) -> StabilityMaps:
+    """The map sums of a run saved by an interrupted calibration; a damaged one is named, with the way out."""
+    try:
+        arrays = load_file(shard)
+        return StabilityMaps.from_sums(arrays.pop("sigmas"), arrays, settings.lambdas, settings.max_elements)
+    except (SafetensorError, OSError, KeyError, ValueError):
+        raise FileFormatError(f"the saved run {shard} is unreadable (truncated or corrupted): delete it and run "
+                              "again with --resume, or calibrate without --resume") from None
 
 
 def remove_shards(out: str | Path) -> None:

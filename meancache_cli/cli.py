@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-import signal
 import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperCommand, TyperGroup
 
-from .errors import MeanCacheError, UsageError
+from .errors import INTERRUPTED_EXIT, Interrupted, MeanCacheError, UsageError, raise_on_signals
+
+
+class _BareFlags:
+    """typer's help shows a flag as `--json <bool>`, as if it took a value: show flags bare."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_BareFlags, TyperCommand):
+    pass
+
+
+class Group(_BareFlags, TyperGroup):
+    pass
+
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Training-free average-velocity caching for diffusers flow-matching pipelines.",
 )
 stderr = Console(stderr=True)
@@ -35,19 +57,41 @@ DeviceOption = Annotated[str, typer.Option("--device", help="Torch device.")]
 FramesOption = Annotated[int | None, typer.Option("--frames", help="Video frames (video models; default if omitted).")]
 DtypeOption = Annotated[str | None, typer.Option("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32).")]
 OffloadOption = Annotated[bool, typer.Option("--offload", help="Keep each part on the CPU until it runs.")]
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meancache-cli")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def print_version(value: bool) -> None:
+    if value:
+        print(f"meancache {package_version()}")
+        raise typer.Exit()
 
 
 @app.callback()
-def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=print_version)] = False,
+) -> None:
     DEBUG["on"] = debug
+    if not debug:
+        # Libraries' FutureWarnings and notices are for their developers, not for someone running a command.
+        warnings.simplefilter("ignore")
 
 
 @contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True):
     """A rich progress bar on stderr; yields a function that advances it by one."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True, disable=not enabled) as progress:
+    # Off when stderr is not a terminal: there a transient bar leaves only a blank line behind.
+    with Progress(*columns, console=stderr, transient=True, disable=not (enabled and stderr.is_terminal)) as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
 
@@ -57,59 +101,65 @@ def emit(data: dict[str, Any], as_json: bool, text: str, to_stderr: bool = False
     if as_json:
         print(json.dumps(data))
     elif to_stderr:
-        stderr.print(text, highlight=False)
+        stderr.print(text, highlight=False, soft_wrap=True)
     else:
         print(text)
 
 
 def warn(message: str) -> None:
-    stderr.print(f"warning: {message}", style="yellow", highlight=False)
+    stderr.print(f"warning: {message}", style="yellow", highlight=False, soft_wrap=True)  # one line, like errors
 
 
-def parse_dtype(dtype: str | None, device: str) -> Any:
-    import torch
+def load(spec: Any, device: str, dtype: str | None, offload: bool, call_kwargs: dict[str, Any]) -> Any:
+    """Load a resolved model behind a spinner, check the image size it will run at and print what the
+    loader noticed; returns the pipeline."""
+    from .models.loading import check_image_size, load_model
 
-    if dtype is None:
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype} is unknown: use one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[dtype])
+    with stderr.status(f"loading {spec.name}", spinner="dots"):
+        _, pipe, notices = load_model(spec, device, dtype, offload)
+    check_image_size(pipe, call_kwargs.get("height"), call_kwargs.get("width"))
+    for notice in notices:
+        warn(notice)
+    return pipe
 
 
-def load_model(model: str, device: str, dtype: str | None = None, offload: bool = False) -> tuple[Any, Any]:
-    """Resolve and load a pipeline, reporting where it came from and any scheduler it had to replace."""
-    from .models.registry import load_pipeline, resolve_model
-    from .models.schedulers import SchedulerSwapWarning
-
-    spec = resolve_model(model)
-    torch_dtype = parse_dtype(dtype, device)
-    if offload and device == "cpu":
-        raise UsageError("--offload moves parts to an accelerator while they run: use it with --device cuda")
-    with stderr.status(f"loading {spec.name}", spinner="dots"), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SchedulerSwapWarning)
-        pipe = load_pipeline(spec, device=device, dtype=torch_dtype, offload=offload)
-    for warning in caught:
-        if issubclass(warning.category, SchedulerSwapWarning):
-            warn(str(warning.message))
-    return spec, pipe
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below 2^64
 
 
 def parse_seeds(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise UsageError("--seeds is empty: give comma-separated integers such as 0,1,2")
     try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
+        seeds = [int(part) for part in parts]
     except ValueError:
         raise UsageError(f"--seeds '{text}' is invalid: give comma-separated integers such as 0,1,2") from None
-    if not seeds:
-        raise UsageError("--seeds is empty: give comma-separated integers such as 0,1,2")
+    for seed in seeds:
+        check_seed(seed, "--seeds")
     return seeds
 
 
+def check_seed(seed: int, flag: str = "--seed", count: int = 1) -> None:
+    """Seeds `seed` … `seed + count − 1` must all be valid torch seeds."""
+    if seed < 0 or seed + count - 1 >= SEED_LIMIT:
+        extra = f" (with {count} prompts, seeds up to {seed + count - 1} are used)" if count > 1 else ""
+        raise UsageError(f"{flag} {seed} is out of range{extra}: use an integer from 0 to 2^64 − 1")
+
+
 def read_prompts(prompts: list[str], prompts_file: Path | None, defaults: list[str]) -> list[str]:
+    """The --prompt values, then the lines of --prompts FILE (`-` for stdin; `#` starts a comment)."""
     if prompts_file is not None:
+        from .files import read_bytes
+
+        raw = read_bytes(prompts_file, "--prompts")
         try:
-            lines = [line.strip() for line in prompts_file.read_text().splitlines()]
-        except OSError as error:
-            raise UsageError(f"--prompts {prompts_file}: {error.strerror}; check the path") from None
+            text: str | None = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\0" in text:
+            raise MeanCacheError(f"--prompts {prompts_file} is not a UTF-8 text file: save the prompts as UTF-8 "
+                                 "text, one per line")
+        lines = [line.strip() for line in text.splitlines()]
         from_file = [line for line in lines if line and not line.startswith("#")]
         if not from_file:
             raise UsageError(f"--prompts {prompts_file} holds no prompt: write one prompt per line")
@@ -125,12 +175,25 @@ def check_vocabulary(spec: Any, prompts: list[str]) -> None:
 
     unknown = sorted({word for prompt in prompts for word in unknown_words(prompt)})
     if unknown:
-        warn(f"the demo model does not know {', '.join(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}")
+        warn(f"the demo model does not know {shorten(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}")
+
+
+def shorten(words: list[str], count: int = 8, length: int = 24) -> str:
+    """A few of `words`, each cut to `length` characters: a message never echoes a whole long prompt."""
+    shown = [word if len(word) <= length else word[:length] + "…" for word in words[:count]]
+    more = f" and {len(words) - count} more" if len(words) > count else ""
+    return ", ".join(shown) + more
 
 
 def check_steps(steps: int) -> None:
     if steps < 2:
         raise UsageError(f"--steps {steps} is too small: use 2 or more")
+
+
+def check_size(height: int | None, width: int | None) -> None:
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} is invalid: use a positive number of pixels (omit it for the default)")
 
 
 def check_frames(spec: Any, frames: int | None) -> None:
@@ -141,8 +204,13 @@ def check_frames(spec: Any, frames: int | None) -> None:
 
 
 def guidance_kwargs(cfg: float | None, negative: str | None, guidance: float | None) -> dict[str, Any]:
-    if cfg is not None and cfg > 1 and not negative:
-        raise UsageError("--true-cfg-scale needs --negative-prompt: true CFG runs the negative prompt as a branch")
+    """Guidance options for the pipeline call; an empty negative prompt is the usual one for true CFG."""
+    for flag, value in (("--true-cfg-scale", cfg), ("--guidance-scale", guidance)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} {value} is invalid: use a finite number ≥ 0")
+    if cfg is not None and cfg > 1 and negative is None:
+        raise UsageError('--true-cfg-scale needs --negative-prompt: true CFG runs the negative prompt as a branch '
+                         '(--negative-prompt "" is the usual one)')
     return {"true_cfg_scale": cfg, "negative_prompt": negative, "guidance_scale": guidance}
 
 
@@ -157,7 +225,7 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
-@app.command()
+@app.command(cls=Command)
 def calibrate(
     out: Annotated[Path, typer.Option("--out", help="Calibration file to write (.safetensors).")],
     model: ModelOption = "demo",
@@ -185,10 +253,12 @@ def calibrate(
     as_json: JsonOption = False,
 ) -> None:
     """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
+    import numpy as np
+
     from .calibrate import MapSettings, reference_run_kwargs, remove_shards, shard_directory
     from .calibrate import calibrate as run_calibration
     from .distributed import current_world
-    from .files import save_calibration
+    from .files import save_calibration, writes_to_stdout
     from .models.registry import resolve_model
     from .outputs import check_output_directory
 
@@ -197,6 +267,9 @@ def calibrate(
     if max_elements < 0:
         raise UsageError(f"--max-elements {max_elements} is invalid: use 0 (all elements) or more")
     settings = MapSettings(max_back, parse_lambdas(lambdas), max_elements or None)
+    to_stdout = writes_to_stdout(out)
+    if as_json and to_stdout:
+        raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
     check_output_directory(out)
     spec = resolve_model(model)
     steps = steps if steps is not None else spec.steps
@@ -207,35 +280,50 @@ def calibrate(
     seed_list = parse_seeds(seeds) if seeds is not None else spec.calibration_seeds
     check_vocabulary(spec, prompt_list)
     check_frames(spec, frames)
+    check_size(height, width)
     kwargs = reference_run_kwargs(spec, steps, height, width, frames,
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     world = current_world()
-    spec, pipe = load_model(model, world.device(device), dtype, offload)
+    pipe = load(spec, world.device(device), dtype, offload, kwargs)
     runs = len(prompt_list) * len(seed_list)
     if not resume and world.is_main:
         remove_shards(out)
     world.barrier()
     mine = len(world.share(range(runs)))
+    done = {"reused": 0, "saved": 0}
     with progress_bar(f"calibrating {spec.name}: {mine} runs", mine * steps, enabled=world.is_main) as advance:
 
         def resumed(steps: int) -> None:
+            done["reused"] += 1
             for _ in range(steps):
                 advance()
 
-        calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, settings, on_step=advance,
-                                      shards=shard_directory(out), on_resumed=resumed, world=world)
+        def saved() -> None:
+            done["saved"] += 1
+
+        try:
+            calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, settings, on_step=advance,
+                                          shards=shard_directory(out), on_resumed=resumed, on_saved=saved,
+                                          world=world)
+        except KeyboardInterrupt:
+            share = "" if world.size == 1 else " of this process's share"
+            raise Interrupted(f"{done['reused'] + done['saved']} of {mine} reference runs{share} are saved in "
+                              f"{shard_directory(out)}; run the same command with --resume to continue") from None
+    reused = int(world.sum_arrays({"reused": np.array([done["reused"]])})["reused"][0])
     if not world.is_main:
         return
     save_calibration(calibration, out)
     remove_shards(out)
     summary = {"output": str(out), "model": spec.name, "steps": steps, "max_back": calibration.max_back,
-               "lambdas": list(settings.lambdas), "runs": runs, "trajectories": calibration.trajectories,
-               "elements": calibration.elements, "processes": world.size}
-    emit(summary, as_json, f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), "
-         f"N={steps}, look-back {calibration.max_back}, λ {lambdas}")
+               "lambdas": list(settings.lambdas), "runs": runs, "reused": reused,
+               "trajectories": calibration.trajectories, "elements": calibration.elements, "processes": world.size}
+    text = (f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), N={steps}, "
+            f"look-back {calibration.max_back}, λ {lambdas}"
+            + (f"; {reused} of the runs were reused from the interrupted calibration" if resume else ""))
+    emit(summary, as_json, text, to_stderr=to_stdout)
 
 
-@app.command("plan")
+@app.command("plan", cls=Command)
 def plan(
     calibration: Annotated[str, typer.Option("--calibration", help="Calibration file, or - for stdin.")],
     budget: Annotated[int, typer.Option("--budget", help="Model evaluations per generation (B).")],
@@ -252,19 +340,20 @@ def plan(
 ) -> None:
     """Choose the compute steps: the cheapest path with exactly BUDGET model evaluations."""
     from .core.stability import COST_KINDS
-    from .files import load_calibration, save_schedule
+    from .files import load_calibration, reference_from, save_schedule, writes_to_stdout
+    from .outputs import check_output_directory
     from .plan import plan_schedule
 
     if cost not in COST_KINDS:
         raise UsageError(f"--cost {cost} is unknown: use one of {', '.join(COST_KINDS)}")
-    if as_json and out == "-":
-        raise UsageError("--json and --out - both write to stdout: give --out FILE with --json")
-    if out != "-":
-        from .outputs import check_output_directory
-
-        check_output_directory(out)
+    to_stdout = writes_to_stdout(out)
+    if as_json and to_stdout:
+        raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
+    check_output_directory(out)
     chosen = parse_lambdas(lambdas) if lambdas is not None else None
     schedule = plan_schedule(load_calibration(calibration), budget, gamma, cost, max_skip, kmax, calibration, chosen)
+    if schedule.calibration is not None and not to_stdout:
+        schedule = replace(schedule, calibration={**schedule.calibration, "path": reference_from(out, calibration)})
     save_schedule(schedule, out)
     steps = schedule.num_inference_steps
     summary = {"output": out, "budget": schedule.budget, "num_inference_steps": steps,
@@ -277,13 +366,13 @@ def plan(
             f"edge costs:    {' '.join(f'{c:.3g}' for c in schedule.edge_costs)}   ({cost} error)\n"
             f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ = {gamma:g}\n"
             f"{schedule.budget} of {steps} steps, ideal speed-up {steps / schedule.budget:.1f}x")
-    emit(summary, as_json, text, to_stderr=out == "-")
+    emit(summary, as_json, text, to_stderr=to_stdout)
 
 
-app.command("schedule", help="Alias of plan.")(plan)
+app.command("schedule", cls=Command, help="Alias of plan.")(plan)
 
 
-@app.command()
+@app.command(cls=Command)
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Image (.png, .jpg, .webp) or video (.mp4, .gif) to write; "
                                       "a directory with --prompts.")],
@@ -317,8 +406,9 @@ def generate(
     as_json: JsonOption = False,
 ) -> None:
     """Generate an image or a video, running the model only at the schedule's compute steps."""
+    from .batch import generate_batch, pending_jobs, plan_jobs
     from .calibrate import reference_run_kwargs
-    from .distributed import current_world
+    from .distributed import current_world, enable_context_parallel
     from .files import load_schedule, shipped_schedule_for
     from .generate import check_schedule, compare_with_uncached
     from .generate import generate as run_generation
@@ -332,8 +422,9 @@ def generate(
                          "or --no-cache")
     if (prompt is None) == (prompts is None):
         raise UsageError("pass either --prompt TEXT (one output) or --prompts FILE (a directory of outputs)")
-    if repeat < 1 or batch_size < 1:
-        raise UsageError(f"--repeat {repeat} / --batch-size {batch_size} is invalid: use 1 or more")
+    for flag, value in (("--repeat", repeat), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} {value} is invalid: use 1 or more")
     spec = resolve_model(model)
     if budget is not None:
         schedule = shipped_schedule_for(spec.name, budget)
@@ -350,6 +441,8 @@ def generate(
         out, fallback = video_output_path(out)
         if fallback:
             warn(fallback)
+    check_seed(seed, count=len(prompt_list) if prompts is not None else 1)
+    check_size(height, width)
     plan = load_schedule(schedule) if schedule is not None else None
     steps = steps if steps is not None else (plan.num_inference_steps if plan else spec.steps)
     check_steps(steps)
@@ -360,11 +453,17 @@ def generate(
             warn(message)
     check_vocabulary(spec, [prompt] if prompts is None else prompt_list)
     world = current_world()
-    spec, pipe = load_model(model, world.device(device), dtype, offload)
+    pipe = load(spec, world.device(device), dtype, offload, kwargs)
     if context_parallel is not None:
         enable_context_parallel(pipe, context_parallel, world)
     if prompts is not None:
-        generate_batch(pipe, spec, prompt_list, seed, kwargs, plan, out, batch_size, world, fps, as_json)
+        jobs = plan_jobs(prompt_list, seed, out, ".gif" if video else ".png")
+        mine = len(pending_jobs(jobs, world))
+        with progress_bar(f"generating {mine} outputs", mine, enabled=world.is_main) as advance:
+            done = generate_batch(pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, on_image=advance)
+        if done is not None:
+            emit(done, as_json, f"wrote {done.pop('written')} outputs to {out} (manifest.jsonl); "
+                 f"{done['generated']} generated here")
         return
     with progress_bar("generating", steps) as advance:
         result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance)
@@ -387,49 +486,7 @@ def generate(
     emit(summary, as_json, text)
 
 
-def generate_batch(pipe: Any, spec: Any, prompts: list[str], seed: int, kwargs: dict[str, Any], plan: Any,
-                   out: Path, batch_size: int, world: Any, fps: int | None, as_json: bool) -> None:
-    """Every prompt of a file into `out/`, split across torchrun ranks; existing outputs are skipped."""
-    from .batch import merge_manifests, plan_jobs, run_batch
-    from .outputs import save_image, save_video
-
-    out.mkdir(exist_ok=True)
-    jobs = plan_jobs(prompts, seed, out, ".gif" if spec.fps is not None else ".png")
-    provenance = {"model": spec.name, "steps": kwargs["num_inference_steps"]}
-
-    def save(item: Any, path: Path, record: dict[str, Any]) -> None:
-        if spec.fps is not None:
-            save_video(item, path, fps or spec.fps, {**provenance, **record})
-        else:
-            save_image(item, path, {**provenance, **record})
-
-    mine = [job for job in world.share(jobs) if not job.path.exists()]
-    with progress_bar(f"generating {len(mine)} outputs", len(mine), enabled=world.is_main) as advance:
-        done = run_batch(pipe, jobs, kwargs, plan, save, batch_size, world, on_image=advance)
-    world.barrier()
-    if not world.is_main:
-        return
-    records = merge_manifests(out, world.size)
-    summary = {"output": str(out), "manifest": str(out / "manifest.jsonl"), "prompts": len(prompts),
-               "generated": done, "skipped": len(world.share(jobs)) - done, "processes": world.size}
-    emit(summary, as_json, f"wrote {len(records)} outputs to {out} (manifest.jsonl); {done} generated here")
-
-
-def enable_context_parallel(pipe: Any, degree: int, world: Any) -> None:
-    """Split attention over `degree` GPUs with diffusers' context parallelism; MeanCache sits on top."""
-    import torch
-
-    if degree < 2 or degree != world.size:
-        raise UsageError(f"--context-parallel {degree} needs torchrun with exactly {degree} processes "
-                         f"(this run has {world.size})")
-    if not torch.cuda.is_available():
-        raise MeanCacheError("--context-parallel needs CUDA GPUs: diffusers' context parallelism runs on accelerators")
-    from diffusers import ContextParallelConfig
-
-    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
-
-
-@app.command()
+@app.command(cls=Command)
 def bench(
     model: ModelOption = "demo",
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few prompts, B = 10, one timing run.")] = False,
@@ -499,7 +556,7 @@ def bench_real_size(out: Path, report: Path | None, budgets: tuple[int, ...] | N
          f"{text}\nwrote {report} and {out / 'realsize.json'}")
 
 
-@app.command("inspect")
+@app.command("inspect", cls=Command)
 def inspect_file(
     path: Annotated[str, typer.Argument(help="A calibration or a schedule file (- for stdin).")],
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: error map, path, velocity change.")] = None,
@@ -510,7 +567,7 @@ def inspect_file(
 ) -> None:
     """Summarize a calibration or a schedule, and plot the error map with the chosen path."""
     from .core.stability import COST_KINDS
-    from .files import Schedule, load_calibration, load_file
+    from .files import Schedule, load_calibration, load_file, resolve_reference
     from .inspect import plot as plot_file
     from .inspect import summary, summary_text
 
@@ -519,15 +576,19 @@ def inspect_file(
     if plot is not None:
         from .outputs import check_output_directory
 
-        check_output_directory(plot)
+        check_output_directory(plot, flag="--plot")
     item = load_file(path)
     data = summary(item)
     if plot is not None:
         schedule = item if isinstance(item, Schedule) else None
         if schedule is not None:
-            source = calibration or (schedule.calibration or {}).get("path")
-            if source is None:
+            named = (schedule.calibration or {}).get("path")
+            if calibration is None and named is None:
                 raise UsageError("this schedule names no calibration: pass --calibration FILE to plot it")
+            source = calibration or resolve_reference(path, named)
+            if calibration is None and not Path(source).exists():
+                raise MeanCacheError(f"the schedule's calibration {named} is neither beside the schedule nor in the "
+                                     "working directory: pass --calibration FILE")
             cal = load_calibration(source)
         else:
             cal = item
@@ -536,7 +597,7 @@ def inspect_file(
     emit(data, as_json, summary_text(data))
 
 
-@app.command()
+@app.command(cls=Command)
 def models(as_json: JsonOption = False) -> None:
     """List the registered models."""
     from .models.registry import registered_models
@@ -554,35 +615,50 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """A kill is handled like Ctrl-C, so temporary files are removed on the way out."""
-    raise KeyboardInterrupt
+PACKAGES = {"PIL": "pillow", "yaml": "pyyaml"}
+
+
+def describe(error: Exception) -> str:
+    """One line for an exception from a library: the common ones say what to do; anything else is a bug."""
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        module = error.name.split(".")[0]
+        package = PACKAGES.get(module, module.replace("_", "-"))
+        return f"this needs the Python package '{package}', which is not installed: pip install {package}"
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return ("out of memory: lower --height, --width, --frames or --batch-size, or use --offload on a GPU")
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}; check the path, its permissions and the free space"
+    message = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {message} (unexpected: run with --debug for the traceback, and report it)"
 
 
 def main() -> None:
     """Entry point: one-line errors with documented exit codes (2 usage, 1 runtime, 130 interrupted)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    # Set both explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps that.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    raise_on_signals()
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="meancache")
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        fail("interrupted", 130)
+        fail("interrupted", INTERRUPTED_EXIT)
+    except Interrupted as error:
+        fail(f"interrupted: {error}", error.exit_code)
     except MeanCacheError as error:
         if DEBUG["on"]:
             raise
         fail(f"error: {error}", error.exit_code)
     except Exception as error:
         if hasattr(error, "format_message") and hasattr(error, "exit_code"):
-            # typer's (vendored) click usage errors: bad option values, missing options.
+            # typer's (vendored) click usage errors: bad option values, missing options; with no
+            # arguments at all typer has printed the help already and the message is empty.
+            if not error.format_message():
+                sys.exit(error.exit_code)
             fail(f"error: {error.format_message()} (see --help)", error.exit_code)
         if DEBUG["on"]:
             raise
-        message = str(error).splitlines()[0] if str(error) else ""
-        fail(f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", 1)
-    if code == 130:
-        fail("interrupted", 130)  # typer turns Ctrl-C into a returned exit code outside standalone mode
+        fail(f"error: {describe(error)}", 1)
+    if code == INTERRUPTED_EXIT:
+        fail("interrupted", INTERRUPTED_EXIT)  # typer turns Ctrl-C into a returned exit code outside standalone mode

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import MeanCacheError, UsageError
 
 T = TypeVar("T")
 
@@ -62,3 +64,15 @@ def current_world() -> World:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def enable_context_parallel(pipe: Any, degree: int, world: World) -> None:
+    """Split attention over `degree` GPUs with diffusers' context parallelism; MeanCache sits on top."""
+    if degree < 2 or degree != world.size:
+        raise UsageError(f"--context-parallel {degree} needs torchrun with exactly {degree} processes "
+                         f"(this run has {world.size})")
+    if not torch.cuda.is_available():
+        raise MeanCacheError("--context-parallel needs CUDA GPUs: diffusers' context parallelism runs on accelerators")
+    from diffusers import ContextParallelConfig
+
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))

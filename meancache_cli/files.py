@@ -6,12 +6,17 @@ and renames it, so an interrupted run never leaves a half-written file. `-` is s
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import stat
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,27 +36,100 @@ SCHEDULE_KIND = "meancache-schedule"
 STDIO = "-"
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename (or to stdout for `-`)."""
+def output_target(path: str | Path) -> tuple[Path, bool]:
+    """Where bytes written to `path` really land, and whether they must be written there in place.
+
+    A symlink is followed to its final target, which is then replaced by a rename in its own
+    directory, so the link stays a link. A device, a FIFO, a socket, or an open descriptor reached
+    through /proc (`/dev/stdout`, `/dev/fd/N`) is written in place: a rename would replace the special
+    file or the system's link instead of writing to it. `-` is stdout.
+    """
     if str(path) == STDIO:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileFormatError(f"cannot write {path}: the directory {path.parent} does not exist; create it first")
+        return Path(STDIO), True
+    current = Path.cwd() / path
+    for _ in range(40):  # Linux's SYMLOOP_MAX
+        current = Path(os.path.realpath(current.parent)) / current.name
+        if current.parts[1:2] == ("proc",):
+            return current, True
+        if not current.is_symlink():
+            break
+        current = current.parent / os.readlink(current)
+    else:
+        raise FileFormatError(f"cannot write {path}: too many levels of symbolic links")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        mode = current.stat().st_mode
+    except OSError:
+        return current, False
+    return current, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def writes_to_stdout(path: str | Path) -> bool:
+    """`-`, `/dev/stdout` and the like: where the command's own output goes."""
+    target, in_place = output_target(path)
+    return str(target) == STDIO or (in_place and str(target) in ("/proc/self/fd/1", f"/proc/{os.getpid()}/fd/1"))
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path`: through a temporary file renamed over the target, or in place for
+    stdout (`-`), devices and FIFOs (see `output_target`)."""
+    target, in_place = output_target(path)
+    if in_place:
+        _write_in_place(path, target, data)
+        return
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextmanager
+def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file (named with `suffix`, for writers that infer the format) whose content
+    replaces `path` when the block succeeds; on failure or interrupt the target is left as it was."""
+    target, in_place = output_target(path)
+    directory = None if in_place else target.parent
+    if directory is not None and not directory.is_dir():
+        raise FileFormatError(f"cannot write {path}: the directory {directory} does not exist; create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=suffix)
+        os.close(fd)
     except OSError as error:
         raise FileFormatError(f"cannot write {path}: {error.strerror}; choose a writable directory") from None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
+        yield Path(tmp)
+        if in_place:
+            _write_in_place(path, target, Path(tmp).read_bytes())
+        else:
+            os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
+            os.replace(tmp, target)
+    except OSError as error:
+        raise FileFormatError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def _write_in_place(path: str | Path, target: Path, data: bytes) -> None:
+    """Stdout, one of this process's open descriptors (/proc/self/fd/N), or a device or FIFO."""
+    if str(path) == STDIO:
+        if sys.stdout is None:
+            raise FileFormatError("cannot write to stdout (-): it is closed; pass --out FILE")
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    descriptor = re.fullmatch(r"/proc/(?:self|(\d+))/fd/(\d+)", str(target))
+    try:
+        if descriptor and int(descriptor[1] or os.getpid()) == os.getpid():
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(int(descriptor[2]), view):]
+            return
+        with open(target, "wb") as handle:
+            handle.write(data)
+    except OSError as error:
+        if error.errno == errno.EPIPE:
+            raise
+        raise FileFormatError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def _umask() -> int:
@@ -64,6 +142,11 @@ def _umask() -> int:
 def read_bytes(path: str | Path, what: str) -> bytes:
     """The whole file (or stdin for `-`), with a one-line error when it cannot be read."""
     if str(path) == STDIO:
+        if sys.stdin is None or sys.stdin.closed:
+            raise FileFormatError(f"cannot read the {what} from stdin (-): stdin is closed; pipe it in or pass a file")
+        if sys.stdin.isatty():
+            raise FileFormatError(f"the {what} should come from stdin (-), but stdin is a terminal; pipe it in "
+                                  "(e.g. meancache plan ... | meancache generate --schedule - ...) or pass a file")
         return sys.stdin.buffer.read()
     try:
         return Path(path).read_bytes()
@@ -73,6 +156,21 @@ def read_bytes(path: str | Path, what: str) -> bytes:
         raise FileFormatError(f"{what} file {path} is a directory: pass the file inside it") from None
     except OSError as error:
         raise FileFormatError(f"cannot read {what} file {path}: {error.strerror}") from None
+
+
+def reference_from(file: str | Path, target: str | Path) -> str:
+    """How `file` should name `target`: an absolute path stays absolute; a relative one is made relative
+    to `file`'s directory, so the two can move together and be found from any working directory."""
+    if Path(target).is_absolute():
+        return str(target)
+    return os.path.relpath(os.path.abspath(target), os.path.dirname(os.path.abspath(file)))
+
+
+def resolve_reference(file: str | Path, reference: str) -> Path:
+    """The path a file names: relative to the file's directory (see `reference_from`), else, for files
+    written before that rule, relative to the working directory."""
+    beside = Path(file).parent / reference
+    return beside if beside.exists() or not Path(reference).exists() else Path(reference)
 
 
 def sha256_of(path: str | Path) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .errors import UsageError
-from .files import write_atomic
+from .files import STDIO, atomic_output, output_target, write_atomic
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -26,6 +26,10 @@ def check_output_path(path: str | Path, video: bool = False) -> Path:
     """Fail before any expensive work when the output cannot be written."""
     path = Path(path)
     kinds, what = (VIDEO_SUFFIXES, "video") if video else (tuple(IMAGE_SUFFIXES), "image")
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a directory; give a file name such as {path / ('out' + kinds[0])}")
+    if not path.suffix:
+        raise UsageError(f"--out {path} has no extension to name the {what} type; use one of {', '.join(kinds)}")
     if path.suffix.lower() not in kinds:
         raise UsageError(f"--out {path}: unknown {what} type '{path.suffix}'; use one of {', '.join(kinds)}")
     return check_output_directory(path)
@@ -45,16 +49,21 @@ def video_output_path(path: str | Path) -> tuple[Path, str | None]:
     return path, None
 
 
-def check_output_directory(path: str | Path) -> Path:
-    """The target's directory must exist and be writable; the target itself is replaced atomically."""
+def check_output_directory(path: str | Path, flag: str = "--out") -> Path:
+    """The target's directory must exist and be writable (the target is replaced by a rename), or the
+    target is a device, FIFO or stdout that is written in place and must itself be writable."""
     path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out {path}: the directory {parent} does not exist; create it first")
-    if not _writable(parent):
-        raise UsageError(f"--out {path}: the directory {parent} is not writable; choose another --out")
+    target, in_place = output_target(path)
+    if in_place:
+        if str(path) != STDIO and not os.access(target, os.W_OK):
+            raise UsageError(f"{flag} {path} is not writable; choose another {flag}")
+        return path
     if path.is_dir():
-        raise UsageError(f"--out {path} is a directory; give a file name")
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    links = f" ({path} links to {target})" if path.is_symlink() else ""
+    _check_directory(target.parent, f"{flag} {path}", links)
+    if not _writable(target.parent):
+        raise UsageError(f"{flag} {path}: the directory {target.parent} is not writable{links}; choose another {flag}")
     return path
 
 
@@ -64,11 +73,20 @@ def check_output_folder(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file; give a directory")
-    if not path.parent.is_dir():
-        raise UsageError(f"--out {path}: the directory {path.parent} does not exist; create it first")
+    _check_directory(path.parent, f"--out {path}")
     if not _writable(path if path.exists() else path.parent):
         raise UsageError(f"--out {path} is not writable; choose another --out")
     return path
+
+
+def _check_directory(directory: Path, what: str, links: str = "") -> None:
+    """Say whether a missing output directory simply does not exist or sits under a file."""
+    if directory.is_dir():
+        return
+    blocker = next((p for p in [directory, *directory.parents] if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UsageError(f"{what}: {blocker} is a file, not a directory{links}; choose another path")
+    raise UsageError(f"{what}: the directory {directory} does not exist{links}; create it first")
 
 
 def _writable(directory: Path) -> bool:
@@ -119,15 +137,9 @@ def save_video(frames: Sequence[Any], path: str | Path, fps: int, provenance: di
         return path
     import imageio.v2 as imageio
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_output(path, suffix=path.suffix) as tmp:
         imageio.mimwrite(tmp, arrays, format="FFMPEG", fps=fps, codec="libx264", quality=8,
                          output_params=["-metadata", f"comment={comment}"])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

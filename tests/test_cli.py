@@ -1,6 +1,7 @@
 """calibrate → plan → generate through the command line, on a tiny FluxPipeline saved to disk."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 from cli_helpers import run_cli, run_process
@@ -79,3 +80,89 @@ def test_schedule_for_other_steps_is_refused_and_nothing_written(calibration, mo
                      "--out", str(out)], capsys)
     assert other.code == 1 and f"planned for model '{model_dir}' but this run uses 'demo'" in other.stderr
     assert not out.exists()
+
+
+def test_no_arguments_prints_usage_and_exits_2(capsys) -> None:
+    result = run_cli([], capsys)
+    assert result.code == 2
+    assert "Usage: meancache [OPTIONS] COMMAND" in result.stdout + result.stderr
+    assert "error" not in result.stderr
+
+
+def test_version_and_flags_shown_as_flags(capsys) -> None:
+    from importlib.metadata import version
+
+    shown = run_cli(["--version"], capsys)
+    assert shown.code == 0 and shown.stdout == f"meancache {version('meancache-cli')}\n"
+    for command in (["--help"], ["plan", "--help"], ["generate", "--help"], ["calibrate", "--help"]):
+        result = run_cli(command, capsys)
+        assert result.code == 0 and "--help" in result.stdout
+        assert "<bool>" not in result.stdout, command
+    assert "--no-cache " in run_cli(["generate", "--help"], capsys).stdout
+
+
+def test_an_empty_negative_prompt_runs_true_cfg(model_dir, capsys, tmp_path) -> None:
+    cfg = ["--true-cfg-scale", "4", "--negative-prompt", ""]
+    out = tmp_path / "cal.safetensors"
+    calibrated = run_cli(["calibrate", "--model", model_dir, "--prompt", "a red circle", "--seeds", "0", "--steps", "4",
+                          "--kmax", "1", *SIZE, *cfg, "--out", str(out), "--json"], capsys)
+    assert calibrated.code == 0, calibrated.stderr
+    assert json.loads(calibrated.stdout)["trajectories"] == 2  # the prompt and the empty negative prompt
+    assert load_calibration(out).guidance == {"true_cfg_scale": 4.0, "negative_prompt": ""}
+    generated = run_cli(["generate", "--model", model_dir, "--no-cache", "--steps", "3", "--prompt", "a red circle",
+                         *SIZE, *cfg, "--out", str(tmp_path / "o.png"), "--json"], capsys)
+    assert generated.code == 0, generated.stderr
+    assert json.loads(generated.stdout)["nfe"] == 6
+
+
+def test_stderr_holds_no_blank_line_and_no_library_warning(calibration, model_dir, tmp_path) -> None:
+    schedule, image = tmp_path / "s.yaml", tmp_path / "o.png"
+    long_prompt = "a red circle " + " ".join(f"word{i}" for i in range(11000))  # 100k characters: Linux allows 128k
+    commands = [
+        ["calibrate", "--model", model_dir, "--prompt", "a red circle", "--seeds", "0", "--steps", "3", *SIZE,
+         "--kmax", "1", "--out", str(tmp_path / "c.safetensors"), "--json"],
+        ["plan", "--calibration", calibration, "--budget", "4", "--out", str(schedule), "--json"],
+        ["generate", "--model", model_dir, "--schedule", str(schedule), "--prompt", long_prompt, *SIZE,
+         "--out", str(image), "--json"],
+        ["generate", "--model", model_dir, "--schedule", str(schedule), "--prompt", "a red circle", *SIZE,
+         "--out", str(image)],
+        ["inspect", str(schedule), "--json"],
+    ]
+    for command in commands:
+        result = run_process(command)
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stderr == b"", (command[0], result.stderr.decode()[:500])
+        assert long_prompt[20:80] not in result.stdout.decode()
+
+
+def test_a_long_prompt_is_not_echoed_back(capsys, tmp_path) -> None:
+    words = ["zz" + a + b + c for a in "abcdefghij" for b in "abcdefghij" for c in "abcdefghij"]
+    long_prompt = "a red circle on a blue background " + " ".join(words * 16) + " " + "q" * 1000
+    result = run_cli(["generate", "--model", "demo", "--no-cache", "--steps", "2", "--prompt", long_prompt,
+                      "--out", str(tmp_path / "o.png")], capsys)
+    assert result.code == 0, result.stderr[:500]
+    assert f"the demo model does not know {'q' * 24}…, zzaaa, zzaab, zzaac, zzaad" in result.stderr
+    assert "and 993 more; its vocabulary is" in result.stderr and len(result.stderr) < 400
+
+
+def test_inspect_finds_the_calibration_beside_the_schedule(calibration, capsys, tmp_path, monkeypatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "cal.safetensors").write_bytes(Path(calibration).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    planned = run_cli(["plan", "--calibration", "work/cal.safetensors", "--budget", "4", "--out", "work/s.yaml"],
+                      capsys)
+    assert planned.code == 0, planned.stderr
+    assert load_schedule(work / "s.yaml").calibration["path"] == "cal.safetensors"
+    monkeypatch.chdir(work)  # then from elsewhere: the schedule's own directory, not the cwd, anchors the path
+    for where in (work, tmp_path.parent):
+        monkeypatch.chdir(where)
+        result = run_cli(["inspect", str(work / "s.yaml"), "--plot", str(tmp_path / "map.png")], capsys)
+        assert result.code == 0, result.stderr
+        assert (tmp_path / "map.png").exists()
+        (tmp_path / "map.png").unlink()
+    (work / "cal.safetensors").rename(tmp_path / "moved.safetensors")
+    missing = run_cli(["inspect", str(work / "s.yaml"), "--plot", str(tmp_path / "map.png")], capsys)
+    assert missing.code == 1 and missing.stderr == (
+        "error: the schedule's calibration cal.safetensors is neither beside the schedule nor in the working "
+        "directory: pass --calibration FILE\n")
