@@ -1,8 +1,8 @@
 """Diffusers hooks on `pipe.transformer`: a recorder for calibration and the MeanCache sampler.
 
-Both see every transformer call. A call with a new timestep starts a new sampler step; further
-calls at the same timestep are guidance branches (true CFG calls the transformer once per branch),
-and each branch keeps its own history. σ values come from the pipeline's scheduler at run time, so
+Both see every transformer call. The scheduler's step index says which sampler step a call belongs
+to; further calls within one step are guidance branches (true CFG calls the transformer once per
+branch), and each branch keeps its own history. σ values come from the pipeline's scheduler at run time, so
 the estimator uses the sigmas the sampler really steps through.
 """
 
@@ -26,12 +26,24 @@ MEANCACHE_HOOK = "meancache"
 RECORDER_HOOK = "meancache_recorder"
 COUNTER_HOOK = "meancache_evaluation_counter"
 
-SigmaSource = Callable[[], torch.Tensor]
+
+class SigmaSource:
+    """The pipeline's scheduler and its sigmas, read at call time: the pipeline sets both inside its own call,
+    and the scheduler may be swapped between calls."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    @property
+    def scheduler(self) -> Any:
+        return self.pipe.scheduler
+
+    def __call__(self) -> torch.Tensor:
+        return self.pipe.scheduler.sigmas
 
 
 def _scheduler_sigmas(pipe: Any) -> SigmaSource:
-    """Read the sigmas lazily: the pipeline sets them inside its own call."""
-    return lambda: pipe.scheduler.sigmas
+    return SigmaSource(pipe)
 
 
 def _stacked(sample: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -56,8 +68,10 @@ def output_sample(output: Any) -> torch.Tensor:
 class StepTracker:
     """Turns the stream of transformer calls into (step, branch) pairs.
 
-    A new timestep starts a new step; a σ above the previous one, or a step past the last, starts a
-    new generation (the pipeline also resets the hook after each call).
+    The step is the scheduler's own step index, never a change of timestep: in bf16 two consecutive
+    timesteps can round to one value (DESIGN.md §9). Further calls within one scheduler step are guidance
+    branches. A generation starts at the first call after the scheduler's sigmas were set anew
+    (`set_timesteps` builds a new tensor) or after a reset (the pipeline resets the hook after each call).
     """
 
     def __init__(self, adapter: ModelAdapter, sigmas: SigmaSource) -> None:
@@ -68,32 +82,40 @@ class StepTracker:
     def reset(self) -> None:
         self.step = -1
         self.branch = 0
-        self.last_timestep: torch.Tensor | None = None
-        self.last_sigma = float("inf")
+        self.generation_sigmas: torch.Tensor | None = None
 
     def observe(self, timestep: torch.Tensor) -> bool:
         """Advance on one call; True when this call starts a new generation."""
         timestep = torch.as_tensor(timestep)
-        if self.last_timestep is not None and torch.equal(timestep, self.last_timestep):
+        scheduler = self.sigmas.scheduler
+        sigmas = scheduler.sigmas
+        index = _step_index(scheduler)
+        restart = self.step < 0 or sigmas is not self.generation_sigmas or index < self.step
+        if not restart and index == self.step:
             self.branch += 1
             return False
+        self.step, self.branch, self.generation_sigmas = index, 0, sigmas
+        steps = len(sigmas) - 1
         sigma = self.adapter.sigma(timestep)
-        steps = len(self.sigmas()) - 1
-        restart = self.step < 0 or sigma > self.last_sigma or self.step + 1 >= steps
-        self.step = 0 if restart else self.step + 1
-        self.branch = 0
-        self.last_timestep = timestep.detach().clone()
-        self.last_sigma = sigma
-        expected = float(self.sigmas()[self.step])
+        expected = float(sigmas[index]) if index < steps else float("nan")
         # A bf16 timestep is rounded to 8 significant bits: allow its precision, not just 1e-3.
         precision = torch.finfo(timestep.dtype).eps if timestep.is_floating_point() else 0.0
-        if abs(sigma - expected) > max(1e-3, precision) * max(1.0, abs(expected)):
+        if not abs(sigma - expected) <= max(1e-3, precision) * max(1.0, abs(expected)):
             raise MeanCacheError(
-                f"step {self.step}: the transformer got σ={sigma:.4f} but the scheduler is at σ={expected:.4f}; "
-                "the pipeline's scheduler must be a one-call-per-step flow-matching scheduler "
+                f"step {index} of {steps}: the transformer got σ={sigma:.4f} but the scheduler is at "
+                f"σ={expected:.4f}; the pipeline's scheduler must be a one-call-per-step flow-matching scheduler "
                 "(FlowMatchEulerDiscreteScheduler)"
             )
         return restart
+
+
+def _step_index(scheduler: Any) -> int:
+    """The step the scheduler is about to take: its step index once it has stepped, before that its begin
+    index (pipelines that start part-way set it) or 0."""
+    index = getattr(scheduler, "step_index", None)
+    if index is None:
+        index = getattr(scheduler, "begin_index", None)
+    return 0 if index is None else int(index)
 
 
 class ForwardArgs:

@@ -97,6 +97,57 @@ def test_exactly_budget_forwards_and_full_budget_is_bit_identical(tiny) -> None:
     assert not np.array_equal(np.asarray(cached.images), np.asarray(reference.images))
 
 
+def crowded_sigmas(pipe) -> None:
+    """HunyuanVideo's shift 7 on every family: near σ = 1 consecutive timesteps then lie closer than bf16
+    resolves, as on the real models (HunyuanVideo at 50 steps, FLUX from about 90)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=7.0,
+                                                                 use_dynamic_shifting=False)
+
+
+def bf16_schedule(steps: int) -> Schedule:
+    """Skips step 1 and uses K = 1 and 2 on computed runs: 8 evaluations per branch."""
+    third = steps // 3
+    return Schedule(model="tiny", num_inference_steps=steps, orders=[0, 0, 1, 2, 0, 1, 0, 0],
+                    compute_steps=[0, 2, 3, 4, third, third + 1, 2 * third, steps - 1])
+
+
+# The pipelines that hand the transformer a timestep rounded to bf16 (the others pass it in fp32).
+BF16_TIMESTEPS = {"flux", "qwen-image", "hunyuanvideo", "chroma"}
+
+
+def bf16_latents(pipe, model: TinyModel, steps: int, schedule: Schedule | None) -> torch.Tensor:
+    call = {**model.call, "height": 16, "width": 16, **({"num_frames": 1} if model.frames else {}),
+            "num_inference_steps": steps}
+    result = generate(pipe, PROMPT, 3, call, schedule, output_type="latent")
+    return torch.stack([torch.as_tensor(image) for image in result.images])
+
+
+def test_bf16_steps_come_from_the_scheduler(tiny) -> None:
+    """In bf16 steps whose timesteps round to one value stay separate steps, not guidance branches: B = N is
+    bit-identical to the uncached bf16 run and B < N runs exactly B real evaluations per branch."""
+    model, directory, _, _ = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SchedulerSwapWarning)
+        pipe = load_pipeline(resolve_model(directory), dtype=torch.bfloat16)
+    crowded_sigmas(pipe)
+    counter = ForwardCounter(model.embedder(pipe.transformer))
+    for steps in (50, 100):
+        recorder = CallRecorder(pipe)
+        reference = bf16_latents(pipe, model, steps, None)
+        recorder.handle.remove()
+        timesteps = [float(t.flatten()[0]) for _, t, _ in recorder.calls[::model.branches]]
+        repeats = sum(a == b for a, b in zip(timesteps, timesteps[1:]))
+        assert (repeats > 0) == (model.name in BF16_TIMESTEPS)
+        full = Schedule(model="tiny", num_inference_steps=steps, compute_steps=list(range(steps)), orders=[0] * steps)
+        assert torch.equal(bf16_latents(pipe, model, steps, full), reference)
+        before = counter.calls
+        cached = bf16_latents(pipe, model, steps, bf16_schedule(steps))
+        assert counter.calls - before == 8 * model.branches
+        assert torch.isfinite(cached.float()).all() and not torch.equal(cached, reference)
+
+
 class CallRecorder:
     """A plain PyTorch forward hook on the transformer: the latents, timestep and output of every call."""
 
