@@ -9,7 +9,8 @@ the estimator uses the sigmas the sampler really steps through.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,36 @@ class SigmaSource:
 
 def _scheduler_sigmas(pipe: Any) -> SigmaSource:
     return SigmaSource(pipe)
+
+
+@contextmanager
+def _hooks_of(pipe: Any) -> Iterator[HookRegistry]:
+    """The transformer's hook registry, to add or remove hooks beneath accelerate's offload wrapper.
+
+    `enable_model_cpu_offload` wraps `transformer.forward`, and the pipeline re-creates that wrapper at
+    the end of every call around the forward it wrapped first: a hook registered on top of it would be
+    dropped after one generation. So the wrapper is lifted off while hooks change and put back on top.
+    """
+    module = pipe.transformer
+    offload = getattr(module, "_hf_hook", None)
+    if offload is not None:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(module)
+    try:
+        yield HookRegistry.check_if_exists_or_initialize(module)
+    finally:
+        if offload is not None:
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(module, offload)
+
+
+def _remove_hook(pipe: Any, name: str) -> None:
+    if HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(name) is None:
+        return
+    with _hooks_of(pipe) as registry:
+        registry.remove_hook(name, recurse=False)
 
 
 def _stacked(sample: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -202,7 +233,8 @@ def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
     if existing is not None:
         return existing
     hook = EvaluationCounterHook()
-    registry.register_hook(hook, COUNTER_HOOK)
+    with _hooks_of(pipe) as registry:
+        registry.register_hook(hook, COUNTER_HOOK)
     return hook
 
 
@@ -326,19 +358,18 @@ def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> ScheduleHook:
     if not isinstance(schedule, Schedule):
         schedule = load_schedule(schedule)
     schedule.validate("schedule")
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
-    if registry.get_hook(MEANCACHE_HOOK) is not None:
-        registry.remove_hook(MEANCACHE_HOOK, recurse=False)
     hook_class = HOOKS_BY_ESTIMATOR[schedule.estimator]
     hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer)), _scheduler_sigmas(pipe))
-    registry.register_hook(hook, MEANCACHE_HOOK)
+    with _hooks_of(pipe) as registry:
+        if registry.get_hook(MEANCACHE_HOOK) is not None:
+            registry.remove_hook(MEANCACHE_HOOK, recurse=False)
+        registry.register_hook(hook, MEANCACHE_HOOK)
     return hook
 
 
 def remove_meancache(pipe: Any) -> None:
     """Restore the plain transformer forward."""
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
-    registry.remove_hook(MEANCACHE_HOOK, recurse=False)
+    _remove_hook(pipe, MEANCACHE_HOOK)
 
 
 @dataclass
@@ -380,11 +411,11 @@ class RecorderHook(SamplerHook):
 
 def apply_recorder(pipe: Any) -> RecorderHook:
     """Record every later uncached `pipe(...)` call's trajectory."""
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
     hook = RecorderHook(adapter_for(pipe.transformer), _scheduler_sigmas(pipe))
-    registry.register_hook(hook, RECORDER_HOOK)
+    with _hooks_of(pipe) as registry:
+        registry.register_hook(hook, RECORDER_HOOK)
     return hook
 
 
 def remove_recorder(pipe: Any) -> None:
-    HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook(RECORDER_HOOK, recurse=False)
+    _remove_hook(pipe, RECORDER_HOOK)
