@@ -22,9 +22,11 @@ from PIL import Image
 from tiny import ForwardCounter
 from tiny_models import TINY_MODELS, TinyModel
 
-from meancache_cli import Schedule, apply_meancache, remove_meancache
+from meancache_cli import Schedule, apply_meancache, load_calibration, remove_meancache
+from meancache_cli.calibrate import reference_run_kwargs
 from meancache_cli.generate import generate
 from meancache_cli.models.adapters import adapter_for
+from meancache_cli.models.demo import DEMO_DIR
 from meancache_cli.models.registry import load_pipeline, resolve_model
 from meancache_cli.models.schedulers import SchedulerSwapWarning
 from meancache_cli.outputs import can_write_mp4, read_provenance
@@ -243,12 +245,56 @@ def test_only_wan_needs_its_scheduler_swapped(tiny) -> None:
         assert swaps == []
 
 
-def test_local_directory_defaults_come_from_the_registered_family(tiny) -> None:
+# Saved tiny pipelines and the family whose defaults they get; the tiny FLUX transformer embeds no
+# guidance, which is what tells FLUX.1 [schnell] from [dev].
+FAMILIES = {**{name: name for name in TINY_MODELS}, "flux": "flux-schnell"}
+
+
+def test_local_directory_gets_its_family_defaults(tiny) -> None:
     model, directory, _, _ = tiny
     spec = resolve_model(directory)
-    family = resolve_model(model.name)
-    assert (spec.steps, spec.fps) == (family.steps, family.fps)
-    assert spec.pipeline_class == family.pipeline_class
+    family = resolve_model(FAMILIES[model.name])
+    assert (spec.name, spec.path, spec.family, spec.repo_id) == (directory, Path(directory), family.name, None)
+    for name in ("pipeline_class", "steps", "height", "width", "frames", "fps", "call_kwargs", "calibration_prompts",
+                 "calibration_seeds"):
+        assert getattr(spec, name) == getattr(family, name), name
+    if model.name == "hunyuanvideo":  # the registered size, not the pipeline's 720x1280, 129 frames
+        assert reference_run_kwargs(spec, spec.steps, None, None, None, {}) == {
+            "guidance_scale": 6.0, "num_inference_steps": 50, "height": 320, "width": 512, "num_frames": 61}
+        assert reference_run_kwargs(spec, 4, 16, 32, 5, {"guidance_scale": 3.0}) == {
+            "guidance_scale": 3.0, "num_inference_steps": 4, "height": 16, "width": 32, "num_frames": 5}
+
+
+def test_flux_directory_is_dev_schnell_or_demo_by_its_transformer(tmp_path) -> None:
+    """All three are FluxPipeline: FLUX.1 [dev] embeds guidance, [schnell] does not, the demo has its own sizes."""
+    demo = resolve_model(str(DEMO_DIR))
+    assert demo.family == "demo" and (demo.height, demo.call_kwargs) == (32, resolve_model("demo").call_kwargs)
+    for embeds, name in ((True, "flux"), (False, "flux-schnell")):
+        directory = tmp_path / name
+        (directory / "transformer").mkdir(parents=True)
+        (directory / "model_index.json").write_text(json.dumps(
+            {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+        (directory / "transformer" / "config.json").write_text(json.dumps(
+            {"_class_name": "FluxTransformer2DModel", "guidance_embeds": embeds}))
+        spec = resolve_model(str(directory))
+        assert spec.family == name and spec.steps == resolve_model(name).steps
+
+
+def test_saved_qwen_image_directory_calibrates_with_true_cfg_by_default(capsys, tmp_path) -> None:
+    """Qwen-Image's default true CFG (scale 4, negative prompt " ") applies to its saved directory: two
+    trajectories per run; --true-cfg-scale 1 still turns it off."""
+    directory = tmp_path / "qwen"
+    TINY_MODELS["qwen-image"].build().save_pretrained(directory)
+    base = ["calibrate", "--model", str(directory), "--prompt", PROMPT, "--seeds", "0", "--steps", "3",
+            "--height", "32", "--width", "32", "--max-back", "1", "--json"]
+    guided = run_cli([*base, "--out", str(tmp_path / "cfg.safetensors")], capsys)
+    assert guided.code == 0, guided.stderr
+    assert json.loads(guided.stdout)["trajectories"] == 2
+    calibration = load_calibration(tmp_path / "cfg.safetensors")
+    assert calibration.guidance == {"true_cfg_scale": 4.0, "negative_prompt": " "}
+    plain = run_cli([*base, "--true-cfg-scale", "1", "--out", str(tmp_path / "plain.safetensors")], capsys)
+    assert plain.code == 0, plain.stderr
+    assert json.loads(plain.stdout)["trajectories"] == 1
 
 
 def test_video_to_mp4_or_gif_fallback(capsys, tmp_path) -> None:
