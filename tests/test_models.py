@@ -29,7 +29,7 @@ from meancache_cli.models.adapters import adapter_for
 from meancache_cli.models.demo import DEMO_DIR
 from meancache_cli.models.registry import load_pipeline, resolve_model
 from meancache_cli.models.schedulers import SchedulerSwapWarning
-from meancache_cli.outputs import can_write_mp4, read_provenance
+from meancache_cli.outputs import read_provenance
 
 N = 6
 PROMPT = "a red circle on a blue background"
@@ -297,22 +297,28 @@ def test_saved_qwen_image_directory_calibrates_with_true_cfg_by_default(capsys, 
     assert json.loads(plain.stdout)["trajectories"] == 1
 
 
-def test_video_to_mp4_or_gif_fallback(capsys, tmp_path) -> None:
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_video_is_written_with_its_frames_size_and_fps(suffix, capsys, tmp_path) -> None:
+    """MP4 out of the box (imageio-ffmpeg is a dependency), and GIF: read back frame count, size and fps."""
+    import imageio.v2 as imageio
+
     model = TINY_MODELS["hunyuanvideo"]
     directory = tmp_path / "hv"
     model.build().save_pretrained(directory)
-    out = tmp_path / "clip.mp4"
+    out = tmp_path / f"clip{suffix}"
     result = run_cli(["generate", "--model", str(directory), "--no-cache", "--steps", "2", "--prompt", PROMPT,
-                      *cli_options(model), "--fps", "10", "--out", str(out), "--json"], capsys)
+                      "--height", "16", "--width", "32", "--frames", "5", "--fps", "10", "--out", str(out), "--json"],
+                     capsys)
     assert result.code == 0, result.stderr
-    written = Path(json.loads(result.stdout)["output"])
-    if can_write_mp4():
-        assert written == out and out.stat().st_size > 0
+    assert json.loads(result.stdout)["output"] == str(out) and "GIF" not in result.stderr
+    if suffix == ".mp4":
+        with imageio.get_reader(out, format="FFMPEG") as reader:
+            meta = reader.get_meta_data()
+            assert (reader.count_frames(), meta["size"], meta["fps"]) == (5, (32, 16), 10)
+            assert meta["codec"] == "h264"
     else:
-        assert written == out.with_suffix(".gif") and not out.exists()
-        assert "imageio-ffmpeg is not installed" in result.stderr
-        with Image.open(written) as gif:
-            assert gif.n_frames == model.frames and gif.info["duration"] == 100
+        with Image.open(out) as gif:
+            assert (gif.n_frames, gif.size, gif.info["duration"]) == (5, (32, 16), 100)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
