@@ -1,15 +1,16 @@
 """Diffusers hooks on `pipe.transformer`: a recorder for calibration and the MeanCache sampler.
 
-Both see every transformer call. A call with a new timestep starts a new sampler step; further
-calls at the same timestep are guidance branches (true CFG calls the transformer once per branch),
-and each branch keeps its own history. σ values come from the pipeline's scheduler at run time, so
+Both see every transformer call. The scheduler's step index says which sampler step a call belongs
+to; further calls within one step are guidance branches (true CFG calls the transformer once per
+branch), and each branch keeps its own history. σ values come from the pipeline's scheduler at run time, so
 the estimator uses the sigmas the sampler really steps through.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,54 @@ MEANCACHE_HOOK = "meancache"
 RECORDER_HOOK = "meancache_recorder"
 COUNTER_HOOK = "meancache_evaluation_counter"
 
-SigmaSource = Callable[[], torch.Tensor]
+
+class SigmaSource:
+    """The pipeline's scheduler and its sigmas, read at call time: the pipeline sets both inside its own call,
+    and the scheduler may be swapped between calls."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    @property
+    def scheduler(self) -> Any:
+        return self.pipe.scheduler
+
+    def __call__(self) -> torch.Tensor:
+        return self.pipe.scheduler.sigmas
 
 
 def _scheduler_sigmas(pipe: Any) -> SigmaSource:
-    """Read the sigmas lazily: the pipeline sets them inside its own call."""
-    return lambda: pipe.scheduler.sigmas
+    return SigmaSource(pipe)
+
+
+@contextmanager
+def _hooks_of(pipe: Any) -> Iterator[HookRegistry]:
+    """The transformer's hook registry, to add or remove hooks beneath accelerate's offload wrapper.
+
+    `enable_model_cpu_offload` wraps `transformer.forward`, and the pipeline re-creates that wrapper at
+    the end of every call around the forward it wrapped first: a hook registered on top of it would be
+    dropped after one generation. So the wrapper is lifted off while hooks change and put back on top.
+    """
+    module = pipe.transformer
+    offload = getattr(module, "_hf_hook", None)
+    if offload is not None:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(module)
+    try:
+        yield HookRegistry.check_if_exists_or_initialize(module)
+    finally:
+        if offload is not None:
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(module, offload)
+
+
+def _remove_hook(pipe: Any, name: str) -> None:
+    if HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(name) is None:
+        return
+    with _hooks_of(pipe) as registry:
+        registry.remove_hook(name, recurse=False)
 
 
 def _stacked(sample: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -56,8 +99,10 @@ def output_sample(output: Any) -> torch.Tensor:
 class StepTracker:
     """Turns the stream of transformer calls into (step, branch) pairs.
 
-    A new timestep starts a new step; a σ above the previous one, or a step past the last, starts a
-    new generation (the pipeline also resets the hook after each call).
+    The step is the scheduler's own step index, never a change of timestep: in bf16 two consecutive
+    timesteps can round to one value (DESIGN.md §9). Further calls within one scheduler step are guidance
+    branches. A generation starts at the first call after the scheduler's sigmas were set anew
+    (`set_timesteps` builds a new tensor) or after a reset (the pipeline resets the hook after each call).
     """
 
     def __init__(self, adapter: ModelAdapter, sigmas: SigmaSource) -> None:
@@ -68,32 +113,40 @@ class StepTracker:
     def reset(self) -> None:
         self.step = -1
         self.branch = 0
-        self.last_timestep: torch.Tensor | None = None
-        self.last_sigma = float("inf")
+        self.generation_sigmas: torch.Tensor | None = None
 
     def observe(self, timestep: torch.Tensor) -> bool:
         """Advance on one call; True when this call starts a new generation."""
         timestep = torch.as_tensor(timestep)
-        if self.last_timestep is not None and torch.equal(timestep, self.last_timestep):
+        scheduler = self.sigmas.scheduler
+        sigmas = scheduler.sigmas
+        index = _step_index(scheduler)
+        restart = self.step < 0 or sigmas is not self.generation_sigmas or index < self.step
+        if not restart and index == self.step:
             self.branch += 1
             return False
+        self.step, self.branch, self.generation_sigmas = index, 0, sigmas
+        steps = len(sigmas) - 1
         sigma = self.adapter.sigma(timestep)
-        steps = len(self.sigmas()) - 1
-        restart = self.step < 0 or sigma > self.last_sigma or self.step + 1 >= steps
-        self.step = 0 if restart else self.step + 1
-        self.branch = 0
-        self.last_timestep = timestep.detach().clone()
-        self.last_sigma = sigma
-        expected = float(self.sigmas()[self.step])
+        expected = float(sigmas[index]) if index < steps else float("nan")
         # A bf16 timestep is rounded to 8 significant bits: allow its precision, not just 1e-3.
         precision = torch.finfo(timestep.dtype).eps if timestep.is_floating_point() else 0.0
-        if abs(sigma - expected) > max(1e-3, precision) * max(1.0, abs(expected)):
+        if not abs(sigma - expected) <= max(1e-3, precision) * max(1.0, abs(expected)):
             raise MeanCacheError(
-                f"step {self.step}: the transformer got σ={sigma:.4f} but the scheduler is at σ={expected:.4f}; "
-                "the pipeline's scheduler must be a one-call-per-step flow-matching scheduler "
+                f"step {index} of {steps}: the transformer got σ={sigma:.4f} but the scheduler is at "
+                f"σ={expected:.4f}; the pipeline's scheduler must be a one-call-per-step flow-matching scheduler "
                 "(FlowMatchEulerDiscreteScheduler)"
             )
         return restart
+
+
+def _step_index(scheduler: Any) -> int:
+    """The step the scheduler is about to take: its step index once it has stepped, before that its begin
+    index (pipelines that start part-way set it) or 0."""
+    index = getattr(scheduler, "step_index", None)
+    if index is None:
+        index = getattr(scheduler, "begin_index", None)
+    return 0 if index is None else int(index)
 
 
 class ForwardArgs:
@@ -180,7 +233,8 @@ def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
     if existing is not None:
         return existing
     hook = EvaluationCounterHook()
-    registry.register_hook(hook, COUNTER_HOOK)
+    with _hooks_of(pipe) as registry:
+        registry.register_hook(hook, COUNTER_HOOK)
     return hook
 
 
@@ -304,19 +358,18 @@ def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> ScheduleHook:
     if not isinstance(schedule, Schedule):
         schedule = load_schedule(schedule)
     schedule.validate("schedule")
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
-    if registry.get_hook(MEANCACHE_HOOK) is not None:
-        registry.remove_hook(MEANCACHE_HOOK, recurse=False)
     hook_class = HOOKS_BY_ESTIMATOR[schedule.estimator]
     hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer)), _scheduler_sigmas(pipe))
-    registry.register_hook(hook, MEANCACHE_HOOK)
+    with _hooks_of(pipe) as registry:
+        if registry.get_hook(MEANCACHE_HOOK) is not None:
+            registry.remove_hook(MEANCACHE_HOOK, recurse=False)
+        registry.register_hook(hook, MEANCACHE_HOOK)
     return hook
 
 
 def remove_meancache(pipe: Any) -> None:
     """Restore the plain transformer forward."""
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
-    registry.remove_hook(MEANCACHE_HOOK, recurse=False)
+    _remove_hook(pipe, MEANCACHE_HOOK)
 
 
 @dataclass
@@ -358,11 +411,11 @@ class RecorderHook(SamplerHook):
 
 def apply_recorder(pipe: Any) -> RecorderHook:
     """Record every later uncached `pipe(...)` call's trajectory."""
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
     hook = RecorderHook(adapter_for(pipe.transformer), _scheduler_sigmas(pipe))
-    registry.register_hook(hook, RECORDER_HOOK)
+    with _hooks_of(pipe) as registry:
+        registry.register_hook(hook, RECORDER_HOOK)
     return hook
 
 
 def remove_recorder(pipe: Any) -> None:
-    HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook(RECORDER_HOOK, recurse=False)
+    _remove_hook(pipe, RECORDER_HOOK)

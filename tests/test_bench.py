@@ -153,12 +153,13 @@ SCHEDULE_BASED = {"meancache", "euler", "unipc", "dpmpp", "reuse", "planner_k0",
 
 @pytest.fixture(scope="module")
 def quick_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object, int, int]:
-    """One quick bench: on the demo model when it is present, else on the tiny random pipeline."""
+    """One quick bench: on the demo model when it is present (unguided: one call per step, so B = 10 means
+    10 evaluations), else on the tiny random pipeline."""
     from meancache_cli.bench import bench_units, run_bench
 
     out = tmp_path_factory.mktemp("bench")
     if (DEMO_DIR / "model_index.json").is_file():
-        options: dict = {"model": "demo"}
+        options: dict = {"model": "demo", "call_kwargs": {"true_cfg_scale": 1.0}}
     else:
         from tiny import tiny_flux_pipeline
 

@@ -5,8 +5,11 @@ from oracle import CallLog, linear_cfg, replay
 from tiny import TINY_CALL, ForwardCounter, tiny_flux_pipeline
 
 from meancache_cli import Schedule, apply_meancache, load_schedule, remove_meancache
+from meancache_cli.calibrate import MapSettings, calibrate
 from meancache_cli.errors import ScheduleMismatchError
+from meancache_cli.generate import generate
 from meancache_cli.hooks import apply_evaluation_counter, apply_recorder, remove_recorder
+from meancache_cli.models.registry import load_pipeline, resolve_model
 
 PROMPT = "a red circle on a blue background"
 N = 12
@@ -153,3 +156,27 @@ def test_recorder_keeps_one_trajectory_per_branch(pipe) -> None:
     assert trajectories[0].velocities.shape == (N, 1, 64, 16)
     assert not torch.equal(trajectories[0].velocities, trajectories[1].velocities)
     torch.testing.assert_close(trajectories[0].x0, trajectories[1].x0)
+
+
+def test_hooks_survive_model_cpu_offload(model_dir) -> None:
+    """enable_model_cpu_offload re-wraps the transformer's forward at the end of every pipeline call (its CPU
+    code path does the same as on an accelerator): recorder, counter and MeanCache must stay in place."""
+    spec = resolve_model(model_dir)
+    plain, offloaded = load_pipeline(spec), load_pipeline(spec, offload=True)
+    assert hasattr(offloaded.transformer, "_hf_hook")
+    kwargs = {**TINY_CALL, "num_inference_steps": N}
+    prompts, seeds = [PROMPT, "a green star"], [0, 1]
+    expected = calibrate(plain, spec, prompts, seeds, kwargs, MapSettings(max_back=2))
+    got = calibrate(offloaded, spec, prompts, seeds, kwargs, MapSettings(max_back=2))
+    assert got.trajectories == expected.trajectories == 4
+    for name in ("reuse", "jvp"):
+        np.testing.assert_allclose(getattr(got.errors, name), getattr(expected.errors, name), rtol=1e-5, atol=1e-9,
+                                   equal_nan=True)
+    counter = ForwardCounter(offloaded.transformer.x_embedder)
+    reference = generate(plain, PROMPT, 5, kwargs, CACHED, output_type="np").images
+    for _ in range(2):
+        result = generate(offloaded, PROMPT, 5, kwargs, CACHED, output_type="np")
+        assert result.nfe == B and np.array_equal(np.asarray(result.images), np.asarray(reference))
+    assert counter.calls == 2 * B
+    assert generate(offloaded, PROMPT, 5, kwargs, output_type="np").nfe == N
+    assert counter.calls == 2 * B + N

@@ -22,12 +22,14 @@ from PIL import Image
 from tiny import ForwardCounter
 from tiny_models import TINY_MODELS, TinyModel
 
-from meancache_cli import Schedule, apply_meancache, remove_meancache
+from meancache_cli import Schedule, apply_meancache, load_calibration, remove_meancache
+from meancache_cli.calibrate import reference_run_kwargs
 from meancache_cli.generate import generate
 from meancache_cli.models.adapters import adapter_for
+from meancache_cli.models.demo import DEMO_DIR
 from meancache_cli.models.registry import load_pipeline, resolve_model
 from meancache_cli.models.schedulers import SchedulerSwapWarning
-from meancache_cli.outputs import can_write_mp4, read_provenance
+from meancache_cli.outputs import read_provenance
 
 N = 6
 PROMPT = "a red circle on a blue background"
@@ -95,6 +97,57 @@ def test_exactly_budget_forwards_and_full_budget_is_bit_identical(tiny) -> None:
     assert np.asarray(reference.images).shape == shape
     assert np.array_equal(np.asarray(full.images), np.asarray(reference.images))
     assert not np.array_equal(np.asarray(cached.images), np.asarray(reference.images))
+
+
+def crowded_sigmas(pipe) -> None:
+    """HunyuanVideo's shift 7 on every family: near σ = 1 consecutive timesteps then lie closer than bf16
+    resolves, as on the real models (HunyuanVideo at 50 steps, FLUX from about 90)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=7.0,
+                                                                 use_dynamic_shifting=False)
+
+
+def bf16_schedule(steps: int) -> Schedule:
+    """Skips step 1 and uses K = 1 and 2 on computed runs: 8 evaluations per branch."""
+    third = steps // 3
+    return Schedule(model="tiny", num_inference_steps=steps, orders=[0, 0, 1, 2, 0, 1, 0, 0],
+                    compute_steps=[0, 2, 3, 4, third, third + 1, 2 * third, steps - 1])
+
+
+# The pipelines that hand the transformer a timestep rounded to bf16 (the others pass it in fp32).
+BF16_TIMESTEPS = {"flux", "qwen-image", "hunyuanvideo", "chroma"}
+
+
+def bf16_latents(pipe, model: TinyModel, steps: int, schedule: Schedule | None) -> torch.Tensor:
+    call = {**model.call, "height": 16, "width": 16, **({"num_frames": 1} if model.frames else {}),
+            "num_inference_steps": steps}
+    result = generate(pipe, PROMPT, 3, call, schedule, output_type="latent")
+    return torch.stack([torch.as_tensor(image) for image in result.images])
+
+
+def test_bf16_steps_come_from_the_scheduler(tiny) -> None:
+    """In bf16 steps whose timesteps round to one value stay separate steps, not guidance branches: B = N is
+    bit-identical to the uncached bf16 run and B < N runs exactly B real evaluations per branch."""
+    model, directory, _, _ = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SchedulerSwapWarning)
+        pipe = load_pipeline(resolve_model(directory), dtype=torch.bfloat16)
+    crowded_sigmas(pipe)
+    counter = ForwardCounter(model.embedder(pipe.transformer))
+    for steps in (50, 100):
+        recorder = CallRecorder(pipe)
+        reference = bf16_latents(pipe, model, steps, None)
+        recorder.handle.remove()
+        timesteps = [float(t.flatten()[0]) for _, t, _ in recorder.calls[::model.branches]]
+        repeats = sum(a == b for a, b in zip(timesteps, timesteps[1:]))
+        assert (repeats > 0) == (model.name in BF16_TIMESTEPS)
+        full = Schedule(model="tiny", num_inference_steps=steps, compute_steps=list(range(steps)), orders=[0] * steps)
+        assert torch.equal(bf16_latents(pipe, model, steps, full), reference)
+        before = counter.calls
+        cached = bf16_latents(pipe, model, steps, bf16_schedule(steps))
+        assert counter.calls - before == 8 * model.branches
+        assert torch.isfinite(cached.float()).all() and not torch.equal(cached, reference)
 
 
 class CallRecorder:
@@ -192,30 +245,80 @@ def test_only_wan_needs_its_scheduler_swapped(tiny) -> None:
         assert swaps == []
 
 
-def test_local_directory_defaults_come_from_the_registered_family(tiny) -> None:
+# Saved tiny pipelines and the family whose defaults they get; the tiny FLUX transformer embeds no
+# guidance, which is what tells FLUX.1 [schnell] from [dev].
+FAMILIES = {**{name: name for name in TINY_MODELS}, "flux": "flux-schnell"}
+
+
+def test_local_directory_gets_its_family_defaults(tiny) -> None:
     model, directory, _, _ = tiny
     spec = resolve_model(directory)
-    family = resolve_model(model.name)
-    assert (spec.steps, spec.fps) == (family.steps, family.fps)
-    assert spec.pipeline_class == family.pipeline_class
+    family = resolve_model(FAMILIES[model.name])
+    assert (spec.name, spec.path, spec.family, spec.repo_id) == (directory, Path(directory), family.name, None)
+    for name in ("pipeline_class", "steps", "height", "width", "frames", "fps", "call_kwargs", "calibration_prompts",
+                 "calibration_seeds"):
+        assert getattr(spec, name) == getattr(family, name), name
+    if model.name == "hunyuanvideo":  # the registered size, not the pipeline's 720x1280, 129 frames
+        assert reference_run_kwargs(spec, spec.steps, None, None, None, {}) == {
+            "guidance_scale": 6.0, "num_inference_steps": 50, "height": 320, "width": 512, "num_frames": 61}
+        assert reference_run_kwargs(spec, 4, 16, 32, 5, {"guidance_scale": 3.0}) == {
+            "guidance_scale": 3.0, "num_inference_steps": 4, "height": 16, "width": 32, "num_frames": 5}
 
 
-def test_video_to_mp4_or_gif_fallback(capsys, tmp_path) -> None:
+def test_flux_directory_is_dev_schnell_or_demo_by_its_transformer(tmp_path) -> None:
+    """All three are FluxPipeline: FLUX.1 [dev] embeds guidance, [schnell] does not, the demo has its own sizes."""
+    demo = resolve_model(str(DEMO_DIR))
+    assert demo.family == "demo" and (demo.height, demo.call_kwargs) == (32, resolve_model("demo").call_kwargs)
+    for embeds, name in ((True, "flux"), (False, "flux-schnell")):
+        directory = tmp_path / name
+        (directory / "transformer").mkdir(parents=True)
+        (directory / "model_index.json").write_text(json.dumps(
+            {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+        (directory / "transformer" / "config.json").write_text(json.dumps(
+            {"_class_name": "FluxTransformer2DModel", "guidance_embeds": embeds}))
+        spec = resolve_model(str(directory))
+        assert spec.family == name and spec.steps == resolve_model(name).steps
+
+
+def test_saved_qwen_image_directory_calibrates_with_true_cfg_by_default(capsys, tmp_path) -> None:
+    """Qwen-Image's default true CFG (scale 4, negative prompt " ") applies to its saved directory: two
+    trajectories per run; --true-cfg-scale 1 still turns it off."""
+    directory = tmp_path / "qwen"
+    TINY_MODELS["qwen-image"].build().save_pretrained(directory)
+    base = ["calibrate", "--model", str(directory), "--prompt", PROMPT, "--seeds", "0", "--steps", "3",
+            "--height", "32", "--width", "32", "--max-back", "1", "--json"]
+    guided = run_cli([*base, "--out", str(tmp_path / "cfg.safetensors")], capsys)
+    assert guided.code == 0, guided.stderr
+    assert json.loads(guided.stdout)["trajectories"] == 2
+    calibration = load_calibration(tmp_path / "cfg.safetensors")
+    assert calibration.guidance == {"true_cfg_scale": 4.0, "negative_prompt": " "}
+    plain = run_cli([*base, "--true-cfg-scale", "1", "--out", str(tmp_path / "plain.safetensors")], capsys)
+    assert plain.code == 0, plain.stderr
+    assert json.loads(plain.stdout)["trajectories"] == 1
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_video_is_written_with_its_frames_size_and_fps(suffix, capsys, tmp_path) -> None:
+    """MP4 out of the box (imageio-ffmpeg is a dependency), and GIF: read back frame count, size and fps."""
+    import imageio.v2 as imageio
+
     model = TINY_MODELS["hunyuanvideo"]
     directory = tmp_path / "hv"
     model.build().save_pretrained(directory)
-    out = tmp_path / "clip.mp4"
+    out = tmp_path / f"clip{suffix}"
     result = run_cli(["generate", "--model", str(directory), "--no-cache", "--steps", "2", "--prompt", PROMPT,
-                      *cli_options(model), "--fps", "10", "--out", str(out), "--json"], capsys)
+                      "--height", "16", "--width", "32", "--frames", "5", "--fps", "10", "--out", str(out), "--json"],
+                     capsys)
     assert result.code == 0, result.stderr
-    written = Path(json.loads(result.stdout)["output"])
-    if can_write_mp4():
-        assert written == out and out.stat().st_size > 0
+    assert json.loads(result.stdout)["output"] == str(out) and "GIF" not in result.stderr
+    if suffix == ".mp4":
+        with imageio.get_reader(out, format="FFMPEG") as reader:
+            meta = reader.get_meta_data()
+            assert (reader.count_frames(), meta["size"], meta["fps"]) == (5, (32, 16), 10)
+            assert meta["codec"] == "h264"
     else:
-        assert written == out.with_suffix(".gif") and not out.exists()
-        assert "imageio-ffmpeg is not installed" in result.stderr
-        with Image.open(written) as gif:
-            assert gif.n_frames == model.frames and gif.info["duration"] == 100
+        with Image.open(out) as gif:
+            assert (gif.n_frames, gif.size, gif.info["duration"]) == (5, (32, 16), 100)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,11 @@ class ModelSpec:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration_prompts: list[str] = field(default_factory=list)
     calibration_seeds: list[int] = field(default_factory=lambda: [1000, 1001])
+    # Transformer config values that tell this family from another with the same pipeline class
+    # (FLUX.1 [dev] embeds guidance, [schnell] does not); matched against a saved pipeline directory.
+    transformer_config: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    family: str | None = None  # for a pipeline directory: the registered model whose defaults it got
 
 
 def _config_files() -> dict[str, Any]:
@@ -64,16 +68,27 @@ def resolve_model(model: str) -> ModelSpec:
         if not index.is_file():
             raise UsageError(f"{path} has no model_index.json: pass a directory saved with save_pretrained")
         pipeline_class = json.loads(index.read_text()).get("_class_name", "")
-        # Defaults of the registered model with the same pipeline class (the first by name), else 50 steps.
-        family = next((spec for spec in registered_models() if spec.pipeline_class == pipeline_class and spec.repo_id),
-                      None)
-        return ModelSpec(name=str(path), pipeline_class=pipeline_class, path=path,
-                         steps=family.steps if family else 50, fps=family.fps if family else None)
+        family = _family(path, pipeline_class)
+        if family is None:
+            return ModelSpec(name=str(path), pipeline_class=pipeline_class, path=path)
+        return replace(family, name=str(path), path=path, repo_id=None, family=family.name,
+                       description=f"{family.name} pipeline saved in {path}")
     close = difflib.get_close_matches(model, configs, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise UsageError(
         f"unknown model '{model}': {hint}use one of {', '.join(sorted(configs))} or a local pipeline directory"
     )
+
+
+def _family(path: Path, pipeline_class: str) -> ModelSpec | None:
+    """The registered model a saved pipeline directory is an instance of: the same pipeline class and, where
+    several share it, the one whose `transformer_config` the saved transformer matches, the most specific
+    first (then by name). The demo matches only its own transformer's sizes."""
+    config_file = path / "transformer" / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    matching = [spec for spec in registered_models() if spec.pipeline_class == pipeline_class
+                and all(config.get(key) == value for key, value in spec.transformer_config.items())]
+    return max(matching, key=lambda spec: len(spec.transformer_config), default=None)
 
 
 def _check_transformer(spec: ModelSpec) -> None:
