@@ -427,7 +427,7 @@ def generate(
             raise UsageError(f"{flag} {value} is invalid: use 1 or more")
     spec = resolve_model(model)
     if budget is not None:
-        schedule = shipped_schedule_for(spec.name, budget)
+        schedule = shipped_schedule_for(spec.family or spec.name, budget)
     check_frames(spec, frames)
     video = spec.fps is not None
     if prompts is not None:
@@ -449,7 +449,8 @@ def generate(
     kwargs = reference_run_kwargs(spec, steps, height, width, frames,
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     if plan is not None:
-        for message in check_schedule(plan, spec.name, steps, kwargs.get("height"), kwargs.get("width")):
+        for message in check_schedule(plan, spec.name, steps, kwargs.get("height"), kwargs.get("width"),
+                                      spec.family):
             warn(message)
     check_vocabulary(spec, [prompt] if prompts is None else prompt_list)
     world = current_world()
@@ -478,11 +479,13 @@ def generate(
         save_image(result.images[0], out, provenance)
     text = f"wrote {out}: {result.nfe} model evaluations for {steps} steps in {result.seconds:.2f} s"
     if compare and plan is not None:
-        with progress_bar("timing cached vs uncached", 2 * repeat + 1) as advance:
+        with progress_bar("timing cached vs uncached", 2 * repeat + 2) as advance:
             summary.update(compare_with_uncached(pipe, prompt, seed, kwargs, plan, result.images[0], repeat,
                                                  on_run=advance))
         text += (f"\nuncached: {summary['reference_nfe']} evaluations; speed-up {summary['speedup']:.2f}x "
-                 f"(median of {repeat}); PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} vs uncached")
+                 f"(median of {repeat}); PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} vs uncached"
+                 f"\n{summary['euler_nfe']}-step Euler (same evaluations): PSNR {summary['euler_psnr']:.2f} dB "
+                 "vs uncached")
     emit(summary, as_json, text)
 
 

@@ -26,9 +26,11 @@ class Generation:
     steps: int
 
 
-def check_schedule(schedule: Schedule, model: str, steps: int, height: int | None, width: int | None) -> list[str]:
-    """Refuse a schedule planned for another model or step count; warn about another resolution."""
-    if schedule.model != model:
+def check_schedule(schedule: Schedule, model: str, steps: int, height: int | None, width: int | None,
+                   family: str | None = None) -> list[str]:
+    """Refuse a schedule planned for another model (a saved pipeline's family counts as its own) or step
+    count; warn about another resolution."""
+    if schedule.model not in (model, family):
         raise ScheduleMismatchError(
             f"the schedule was planned for model '{schedule.model}' but this run uses '{model}': "
             f"plan a schedule from a calibration of '{model}'"
@@ -80,7 +82,8 @@ def generate(
 def compare_with_uncached(pipe: Any, prompt: str, seed: int, call_kwargs: dict[str, Any], schedule: Schedule,
                           output: Any, repeat: int, on_run: Callable[[], None] | None = None) -> dict[str, Any]:
     """Quality of a cached `output` against the uncached run, and the wall-clock ratio of the two:
-    medians of `repeat` alternating runs in this process, after the reference run as a warm-up."""
+    medians of `repeat` alternating runs in this process, after the reference run as a warm-up; and
+    the quality of plain B-step Euler at the same number of evaluations."""
     from .bench.metrics import compare
 
     def timed(plan: Schedule | None) -> Generation:
@@ -96,5 +99,10 @@ def compare_with_uncached(pipe: Any, prompt: str, seed: int, call_kwargs: dict[s
         uncached_times.append(timed(None).seconds)
     cached, uncached = statistics.median(cached_times), statistics.median(uncached_times)
     quality, structure = compare(output, reference.images[0])
+    # The same number of model evaluations spent on a B-step Euler grid: what the cache must beat.
+    euler = generate(pipe, prompt, seed, {**call_kwargs, "num_inference_steps": schedule.budget})
+    if on_run is not None:
+        on_run()
     return {"reference_nfe": reference.nfe, "reference_seconds": uncached, "cached_seconds": cached,
-            "speedup": uncached / cached, "psnr": quality, "ssim": structure}
+            "speedup": uncached / cached, "psnr": quality, "ssim": structure,
+            "euler_nfe": euler.nfe, "euler_psnr": compare(euler.images[0], reference.images[0])[0]}

@@ -166,3 +166,14 @@ def test_inspect_finds_the_calibration_beside_the_schedule(calibration, capsys, 
     assert missing.code == 1 and missing.stderr == (
         "error: the schedule's calibration cal.safetensors is neither beside the schedule nor in the working "
         "directory: pass --calibration FILE\n")
+
+
+def test_compare_puts_budget_step_euler_beside_the_cache(calibration, model_dir, capsys, tmp_path) -> None:
+    schedule = tmp_path / "s.yaml"
+    assert run_cli(["plan", "--calibration", calibration, "--budget", "4", "--out", str(schedule)], capsys).code == 0
+    result = run_cli(["generate", "--model", model_dir, "--schedule", str(schedule), "--prompt", "a red circle",
+                      *SIZE, "--compare", "--repeat", "1", "--out", str(tmp_path / "o.png"), "--json"], capsys)
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["nfe"], summary["reference_nfe"], summary["euler_nfe"]) == (4, 10, 4)
+    assert 0 < summary["euler_psnr"] <= 100 and 0 < summary["psnr"] <= 100 and summary["speedup"] > 0

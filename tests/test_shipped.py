@@ -3,8 +3,11 @@ family, and the demo's are what `make schedules` makes today."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from cli_helpers import run_cli
 from tiny import ForwardCounter
 from tiny_models import TINY_MODELS
 
@@ -43,3 +46,19 @@ def test_make_schedules_reproduces_the_shipped_demo_schedules() -> None:
         assert schedule.edge_costs == pytest.approx(shipped.edge_costs, rel=1e-6)
         assert schedule.notes == shipped.notes
     assert {f"demo/{prefix}b{b}" for prefix in ("", "plain-") for b in BUDGETS} <= set(shipped_schedules())
+
+
+@pytest.mark.parametrize(("model", "options", "forwards"), [
+    ("qwen-image", ["--schedule", "qwen-image/authors-b10", "--true-cfg-scale", "4", "--negative-prompt", "x"], 20),
+    ("z-image", ["--budget", "13", "--guidance-scale", "0"], 13),
+])
+def test_cli_runs_a_shipped_schedule_on_a_saved_pipeline_of_its_family(model, options, forwards, capsys,
+                                                                       tmp_path) -> None:
+    directory = tmp_path / model
+    TINY_MODELS[model].build().save_pretrained(directory)
+    out = tmp_path / "o.png"
+    result = run_cli(["generate", "--model", str(directory), *options, "--prompt", PROMPT, "--height", "32",
+                      "--width", "32", "--out", str(out), "--json"], capsys)
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["nfe"] == forwards and summary["steps"] == 50 and out.exists()
