@@ -35,7 +35,7 @@ def test_two_process_calibration_equals_one_process(tmp_path) -> None:
     assert two.returncode == 0, two.stderr.decode()
     assert b'"processes": 2' in two.stdout and two.stdout.count(b"{") == 1
     a, b = load_calibration(single), load_calibration(double)
-    assert a.metadata() == b.metadata() and b.trajectories == 6
+    assert a.metadata() == b.metadata() and b.trajectories == 12  # 6 runs, 2 branches each: the demo runs true CFG
     np.testing.assert_allclose(b.errors.jvp, a.errors.jvp, rtol=1e-9, atol=1e-15, equal_nan=True)
     np.testing.assert_allclose(b.errors.reuse, a.errors.reuse, rtol=1e-9, atol=1e-15, equal_nan=True)
     for name, values in a.step_statistics.items():
