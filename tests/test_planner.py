@@ -110,6 +110,7 @@ def test_generalized_cost_is_in_the_units_of_the_edges() -> None:
     assert generalized_cost([0.3, 0.4], 1.0) == pytest.approx(0.5)
     assert generalized_cost([0.3, 0.4], 200.0) == pytest.approx(0.4, rel=1e-2)
     assert generalized_cost([0.0, 0.0], 2.0) == 0.0
+    assert generalized_cost([], 0.5) == 0.0  # no edge, no cost
 
 
 def test_larger_gamma_drives_the_peak_towards_the_min_max_path() -> None:
