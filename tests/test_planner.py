@@ -126,6 +126,22 @@ def test_larger_gamma_drives_the_peak_towards_the_min_max_path() -> None:
             assert peak <= budget ** (1 / (1 + gamma)) * best_peak + 1e-12
 
 
+def test_the_schedule_does_not_depend_on_the_unit_of_the_costs() -> None:
+    """Costs in any unit (1e-30 or 1e30 times larger) give the same schedule, even where a large γ would
+    under- or overflow `c^(1+γ)` in that unit."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n, max_back = int(rng.integers(4, 8)), int(rng.integers(1, 3))
+        budget = int(rng.integers(2, n))
+        costs = random_costs(rng, n, max_back)
+        path = plan_path(costs, budget, 20.0)
+        for unit in (1e-30, 1e30):
+            scaled = plan_path(EdgeMaps(costs.reuse * unit, costs.jvp * unit, costs.lambdas), budget, 20.0)
+            assert (scaled.compute_steps, scaled.orders, scaled.lambdas) == (path.compute_steps, path.orders,
+                                                                              path.lambdas)
+            assert scaled.objective == pytest.approx(path.objective * unit)
+
+
 def test_budget_equal_to_steps_takes_every_exact_euler_edge() -> None:
     costs = random_costs(np.random.default_rng(2), 12, 3)
     path = plan_path(costs, 12, 0.5)
