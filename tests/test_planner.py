@@ -142,6 +142,19 @@ def test_the_schedule_does_not_depend_on_the_unit_of_the_costs() -> None:
             assert scaled.objective == pytest.approx(path.objective * unit)
 
 
+def test_a_missing_jvp_option_leaves_the_reuse_option_of_its_edge() -> None:
+    """NaN marks a missing option, not a missing edge: without any JVP option the planner plans as with kmax = 0."""
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        n, max_back = int(rng.integers(3, 8)), int(rng.integers(1, 3))
+        budget = int(rng.integers(1, n + 1))
+        costs = random_costs(rng, n, max_back)
+        no_jvp = EdgeMaps(costs.reuse, np.full_like(costs.jvp, np.nan), costs.lambdas)
+        path, reuse_only = plan_path(no_jvp, budget, 0.5), plan_path(costs, budget, 0.5, kmax=0)
+        assert (path.compute_steps, path.orders, path.lambdas) == (reuse_only.compute_steps, reuse_only.orders,
+                                                                   reuse_only.lambdas)
+
+
 def test_budget_equal_to_steps_takes_every_exact_euler_edge() -> None:
     costs = random_costs(np.random.default_rng(2), 12, 3)
     path = plan_path(costs, 12, 0.5)
