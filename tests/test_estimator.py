@@ -130,6 +130,19 @@ def test_stability_maps_are_the_mean_over_trajectories_and_merge_exactly() -> No
     np.testing.assert_allclose(whole.errors().jvp, np.mean([j for _, j in each], axis=0), rtol=1e-12, equal_nan=True)
 
 
+def test_one_trajectory_is_its_own_mean_and_keeps_the_dampings() -> None:
+    """A calibration of a single run (one prompt, one seed) has error maps: that run's, with its dampings."""
+    sigmas = np.linspace(1, 0, 5)
+    x0, vs = torch.randn(3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    maps = StabilityMaps(sigmas, 2, (0.25, 1.0), None)
+    maps.add(x0, vs)
+    errors = maps.errors()
+    reuse, jvp = naive_maps(euler_trajectory(x0, vs, torch.tensor(sigmas)), vs, torch.tensor(sigmas), 2, (0.25, 1.0))
+    np.testing.assert_allclose(errors.reuse, reuse, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(errors.jvp, jvp, rtol=1e-12, equal_nan=True)
+    assert errors.lambdas == (0.25, 1.0)
+
+
 def test_sums_round_trip_and_a_subset_of_elements_is_fixed() -> None:
     sigmas = np.linspace(1, 0, 5)
     maps = StabilityMaps(sigmas, 4, (1.0,), max_elements=3)

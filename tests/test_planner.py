@@ -110,6 +110,7 @@ def test_generalized_cost_is_in_the_units_of_the_edges() -> None:
     assert generalized_cost([0.3, 0.4], 1.0) == pytest.approx(0.5)
     assert generalized_cost([0.3, 0.4], 200.0) == pytest.approx(0.4, rel=1e-2)
     assert generalized_cost([0.0, 0.0], 2.0) == 0.0
+    assert generalized_cost([], 0.5) == 0.0  # no edge, no cost
 
 
 def test_larger_gamma_drives_the_peak_towards_the_min_max_path() -> None:
@@ -123,6 +124,35 @@ def test_larger_gamma_drives_the_peak_towards_the_min_max_path() -> None:
         for gamma in (0.0, 0.5, 2.0, 16.0):
             peak = max(plan_path(costs, budget, gamma).edge_costs)
             assert peak <= budget ** (1 / (1 + gamma)) * best_peak + 1e-12
+
+
+def test_the_schedule_does_not_depend_on_the_unit_of_the_costs() -> None:
+    """Costs in any unit (1e-30 or 1e30 times larger) give the same schedule, even where a large γ would
+    under- or overflow `c^(1+γ)` in that unit."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n, max_back = int(rng.integers(4, 8)), int(rng.integers(1, 3))
+        budget = int(rng.integers(2, n))
+        costs = random_costs(rng, n, max_back)
+        path = plan_path(costs, budget, 20.0)
+        for unit in (1e-30, 1e30):
+            scaled = plan_path(EdgeMaps(costs.reuse * unit, costs.jvp * unit, costs.lambdas), budget, 20.0)
+            assert (scaled.compute_steps, scaled.orders, scaled.lambdas) == (path.compute_steps, path.orders,
+                                                                              path.lambdas)
+            assert scaled.objective == pytest.approx(path.objective * unit)
+
+
+def test_a_missing_jvp_option_leaves_the_reuse_option_of_its_edge() -> None:
+    """NaN marks a missing option, not a missing edge: without any JVP option the planner plans as with kmax = 0."""
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        n, max_back = int(rng.integers(3, 8)), int(rng.integers(1, 3))
+        budget = int(rng.integers(1, n + 1))
+        costs = random_costs(rng, n, max_back)
+        no_jvp = EdgeMaps(costs.reuse, np.full_like(costs.jvp, np.nan), costs.lambdas)
+        path, reuse_only = plan_path(no_jvp, budget, 0.5), plan_path(costs, budget, 0.5, kmax=0)
+        assert (path.compute_steps, path.orders, path.lambdas) == (reuse_only.compute_steps, reuse_only.orders,
+                                                                   reuse_only.lambdas)
 
 
 def test_budget_equal_to_steps_takes_every_exact_euler_edge() -> None:
