@@ -105,7 +105,7 @@ def test_an_empty_negative_prompt_runs_true_cfg(model_dir, capsys, tmp_path) -> 
     cfg = ["--true-cfg-scale", "4", "--negative-prompt", ""]
     out = tmp_path / "cal.safetensors"
     calibrated = run_cli(["calibrate", "--model", model_dir, "--prompt", "a red circle", "--seeds", "0", "--steps", "4",
-                          "--kmax", "1", *SIZE, *cfg, "--out", str(out), "--json"], capsys)
+                          "--max-back", "1", *SIZE, *cfg, "--out", str(out), "--json"], capsys)
     assert calibrated.code == 0, calibrated.stderr
     assert json.loads(calibrated.stdout)["trajectories"] == 2  # the prompt and the empty negative prompt
     assert load_calibration(out).guidance == {"true_cfg_scale": 4.0, "negative_prompt": ""}
@@ -120,7 +120,7 @@ def test_stderr_holds_no_blank_line_and_no_library_warning(calibration, model_di
     long_prompt = "a red circle " + " ".join(f"word{i}" for i in range(11000))  # 100k characters: Linux allows 128k
     commands = [
         ["calibrate", "--model", model_dir, "--prompt", "a red circle", "--seeds", "0", "--steps", "3", *SIZE,
-         "--kmax", "1", "--out", str(tmp_path / "c.safetensors"), "--json"],
+         "--max-back", "1", "--out", str(tmp_path / "c.safetensors"), "--json"],
         ["plan", "--calibration", calibration, "--budget", "4", "--out", str(schedule), "--json"],
         ["generate", "--model", model_dir, "--schedule", str(schedule), "--prompt", long_prompt, *SIZE,
          "--out", str(image), "--json"],
