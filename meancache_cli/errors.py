@@ -1,5 +1,8 @@
 """Errors a user can fix: the CLI prints their message on one line, without a traceback."""
 
+import os
+import sys
+
 
 class MeanCacheError(Exception):
     """Bad input or a failed run, with a message that names the problem and the fix."""
@@ -30,8 +33,32 @@ class Interrupted(MeanCacheError):
     exit_code = INTERRUPTED_EXIT
 
 
+_RAISING = {"on": False}
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    if _RAISING["on"]:
+        raise KeyboardInterrupt
+    # Start-up: extension modules (torch, tokenizers) are still importing, and an exception raised inside
+    # their C++ callbacks aborts the process (pybind11 terminates on it). Nothing is written yet: leave.
+    print("interrupted", file=sys.stderr)
+    exit_interrupted()
+
+
+def interrupts_raise() -> None:
+    """From now on Ctrl-C and SIGTERM raise KeyboardInterrupt, so temporary files are removed and an
+    interrupted calibration says how to resume. Called once a model is loaded or an output is written."""
+    _RAISING["on"] = True
+
+
+def exit_interrupted() -> None:
+    """Exit 130 now. A normal exit would not do: CPython ends the process by SIGINT instead when a
+    KeyboardInterrupt once escaped C code that ran Python (as extension modules do while they are
+    imported), even though the CLI caught it later."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(INTERRUPTED_EXIT)
 
 
 def raise_on_signals() -> None:

@@ -28,7 +28,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from .core.stability import COST_KINDS, EdgeMaps, defined_mask
-from .errors import FileFormatError
+from .errors import FileFormatError, interrupts_raise
 
 FORMAT_VERSION = 2
 CALIBRATION_KIND = "meancache-calibration"
@@ -84,6 +84,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
 def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary file (named with `suffix`, for writers that infer the format) whose content
     replaces `path` when the block succeeds; on failure or interrupt the target is left as it was."""
+    interrupts_raise()  # a signal from here on must reach the clean-up below
     target, in_place = output_target(path)
     directory = None if in_place else target.parent
     if directory is not None and not directory.is_dir():

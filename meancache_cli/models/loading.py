@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, interrupts_raise
 from .registry import ModelSpec, load_pipeline, resolve_model
 from .schedulers import SchedulerSwapWarning
 
@@ -87,5 +87,6 @@ def load_model(model: str | ModelSpec, device: str = "cpu", dtype: str | None = 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SchedulerSwapWarning)
         pipe = load_pipeline(spec, device=device, dtype=torch_dtype, offload=offload)
+    interrupts_raise()  # the extension modules are imported: a signal can now unwind with clean-up
     notices = [str(w.message) for w in caught if issubclass(w.category, SchedulerSwapWarning)]
     return spec, pipe, notices
