@@ -348,6 +348,25 @@ def test_summary_and_wins_line_come_from_the_per_pair_numbers() -> None:
     assert "B = 10: DPM-Solver++ 2M (B steps) (decoded PSNR 41.00 vs 40.00 dB)" in summary
 
 
+def test_stage_log_prints_one_plain_line_per_stage_with_calls_done() -> None:
+    import io
+
+    from rich.console import Console
+
+    from meancache_cli.bench.progress import StageLog
+
+    buffer = io.StringIO()
+    log = StageLog(Console(file=buffer, width=40), total=10)
+    log.stage("plain: references [2 pairs]")
+    for _ in range(3):
+        log.advance()
+    log.stage("cfg: B = 10: timing")
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 2  # no wrapping, even past the console width
+    assert lines[0].endswith("0/10 calls: plain: references [2 pairs]")
+    assert lines[1].endswith("3/10 calls: cfg: B = 10: timing")
+
+
 def test_full_evaluation_counter_counts_real_evaluations_only() -> None:
     from tiny import TINY_CALL, tiny_flux_pipeline
 

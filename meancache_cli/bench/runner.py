@@ -271,8 +271,9 @@ class Bench:
             final["latents"] = callback_kwargs["latents"]
             return {}
 
-        kwargs = {**kwargs, "num_inference_steps": method.steps if method is not None else
-                  steps or kwargs["num_inference_steps"]}
+        if method is not None:
+            steps = method.steps
+        kwargs = {**kwargs, "num_inference_steps": steps or kwargs["num_inference_steps"]}
         before = self.counter.count
         with method.applied(self.pipe) if method is not None else nullcontext():
             start = time.perf_counter()
