@@ -1,4 +1,5 @@
-"""The benchmark: its pure parts (min-max DP, the authors' per-step estimator, searches) and one quick run."""
+"""The benchmark: its pure parts (min-max DP, the authors' per-step estimator, searches, metrics), peers
+counted on a real tiny pipeline, and one quick run."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import pytest
 import torch
 from diffusers.hooks import HookRegistry
 
-from meancache_cli.bench.authors import AUTHORS_HOOK, AuthorsEstimatorHook, authors_velocity, windows_for
+from meancache_cli.bench.authors import release_schedule
+from meancache_cli.bench.metrics import PSNR_CAP, latent_psnr, wins_over_best
 from meancache_cli.bench.minmax import minmax_path
-from meancache_cli.bench.peers import METHODS, parse_mag_ratios, taylorseer_nfe, taylorseer_schedule
+from meancache_cli.bench.peers import METHODS, SCHEDULE_METHODS, SOLVERS, parse_mag_ratios
 from meancache_cli.bench.search import bisect_threshold
+from meancache_cli.core.estimator import release_velocity
 from meancache_cli.files import Schedule
+from meancache_cli.hooks import MEANCACHE_HOOK, MeanCacheConfig, ReleaseEstimatorHook
 from meancache_cli.models.adapters import ModelAdapter
 from meancache_cli.models.demo import DEMO_DIR
 
@@ -47,24 +51,29 @@ def test_minmax_path_matches_brute_force(integer: bool) -> None:
         assert tuple(sorted(path.edge_costs, reverse=True)) == min(vectors)  # and leximax among those
 
 
-def test_minmax_path_uses_k0_of_a_planner_cost_array_and_checks_the_budget() -> None:
-    costs = np.stack([_random_costs(np.random.default_rng(1), 6, False), np.zeros((7, 7))])
-    assert minmax_path(costs, 3) == minmax_path(costs[0], 3)
+def test_minmax_path_skips_missing_edges_and_checks_the_budget() -> None:
+    costs = _random_costs(np.random.default_rng(1), 6, False)
+    costs[0, 3:] = np.nan  # no edge from 0 past step 2
+    for budget in (2, 3, 4):
+        assert minmax_path(costs, budget).compute_steps[1] <= 2
     with pytest.raises(ValueError, match="budget"):
         minmax_path(costs, 7)
+    costs[:, 6] = np.nan
+    with pytest.raises(ValueError, match="no schedule reaches step 6"):
+        minmax_path(costs, 3)
 
 
-def test_authors_velocity_formula() -> None:
+def test_release_velocity_formula() -> None:
     x_r, v_r, x_m = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([0.2])
     sigma_r, sigma_m, sigma_next, v_prev = 1.0, 0.6, 0.5, torch.tensor([3.0])
     jvp = ((0.2 - 1.0) / (0.6 - 1.0) - 2.0) / (0.6 - 1.0)  # (u(r→m) − v_r) / (σ_m − σ_r)
     expected = 3.0 + (0.5 - 0.6) * jvp
-    got = authors_velocity(v_prev, x_r, v_r, x_m, sigma_r, sigma_m, sigma_next)
+    got = release_velocity(v_prev, x_r, v_r, x_m, sigma_r, sigma_m, sigma_next)
     assert got.item() == pytest.approx(expected)
     # Window 1: one Euler step's average velocity is the velocity it used, so the estimate is plain reuse.
     x_prev = torch.tensor([0.7])
     x_now = x_prev + (0.6 - 0.7) * v_prev
-    assert torch.allclose(authors_velocity(v_prev, x_prev, v_prev, x_now, 0.7, 0.6, 0.5), v_prev)
+    assert torch.allclose(release_velocity(v_prev, x_prev, v_prev, x_now, 0.7, 0.6, 0.5), v_prev)
 
 
 class _Toy(torch.nn.Module):
@@ -101,14 +110,14 @@ def _release_loop(velocity, x: torch.Tensor, sigmas: list[float], compute: list[
     return x
 
 
-def test_authors_hook_matches_the_release_loop_step_by_step() -> None:
+def test_release_hook_matches_the_release_loop_step_by_step() -> None:
     n = 20
     sigmas = torch.linspace(1.0, 0.0, n + 1)
     schedule = Schedule(model="toy", num_inference_steps=n, compute_steps=[0, 1, 2, 6, 11, 15],
-                        orders=[0, 1, 2, 0, 3, 1])
+                        orders=[0, 0, 2, 1, 3, 1], estimator="release")
     module = _Toy()
-    hook = AuthorsEstimatorHook(schedule, ModelAdapter(), lambda: sigmas)
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, AUTHORS_HOOK)
+    hook = ReleaseEstimatorHook(MeanCacheConfig(schedule, ModelAdapter()), lambda: sigmas)
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, MEANCACHE_HOOK)
     x0 = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
     calls = {"model": 0}
 
@@ -116,8 +125,7 @@ def test_authors_hook_matches_the_release_loop_step_by_step() -> None:
         calls["model"] += 1
         return _Toy.forward(module, x, torch.tensor(sigma).expand(len(x)))[0]
 
-    expected = _release_loop(velocity, x0.clone(), sigmas.tolist(), schedule.compute_steps,
-                             [windows_for(schedule)[t] for t in schedule.compute_steps])
+    expected = _release_loop(velocity, x0.clone(), sigmas.tolist(), schedule.compute_steps, schedule.orders)
     for _ in range(2):  # a second generation starts the schedule again from step 0
         x = x0.clone()
         for i in range(n):
@@ -126,10 +134,68 @@ def test_authors_hook_matches_the_release_loop_step_by_step() -> None:
     assert calls["model"] == schedule.budget
 
 
-def test_taylorseer_schedule_gives_exact_budgets() -> None:
-    for budget in (5, 8, 10, 13, 17, 25):
-        interval, warmup = taylorseer_schedule(50, budget)
-        assert taylorseer_nfe(50, interval, warmup) == budget
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from tiny import tiny_flux_pipeline
+
+    return tiny_flux_pipeline()
+
+
+def _forwards(pipe, method, steps: int, **call) -> int:
+    """Real evaluations of the tiny pipeline's transformer under `method`, counted inside the model."""
+    from tiny import TINY_CALL, ForwardCounter
+
+    counter = ForwardCounter(pipe.transformer.single_transformer_blocks[-1].attn)
+    with method.applied(pipe):
+        pipe("a red circle", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+             output_type="latent", **TINY_CALL, **call)
+    return counter.calls
+
+
+@pytest.mark.parametrize("budget", [5, 10, 17])
+def test_taylorseer_method_runs_the_model_exactly_budget_times(tiny_pipe, budget: int) -> None:
+    from meancache_cli.bench.peers import taylorseer_method
+
+    assert _forwards(tiny_pipe, taylorseer_method(budget, 50), 50) == budget
+
+
+@pytest.mark.parametrize("budget", [10, 17, 25])
+def test_release_peer_runs_exactly_budget_forwards_per_branch(tiny_pipe, budget: int) -> None:
+    from meancache_cli.bench.peers import authors_method
+
+    schedule = release_schedule("tiny", 50, budget)
+    assert schedule is not None and schedule.estimator == "release" and schedule.budget == budget
+    method = authors_method(schedule, key="release")
+    assert _forwards(tiny_pipe, method, 50) == budget
+    assert _forwards(tiny_pipe, method, 50, true_cfg_scale=4.0, negative_prompt="") == 2 * budget
+
+
+def test_release_schedule_exists_only_where_the_authors_publish_one() -> None:
+    assert release_schedule("demo", 50, 13) is None
+    assert release_schedule("demo", 40, 10) is None
+    assert release_schedule("demo", 50, 10).compute_steps == [0, 1, 3, 7, 14, 21, 28, 35, 42, 49]
+
+
+def test_latent_psnr_uses_the_reference_range_as_peak() -> None:
+    reference = torch.tensor([[-1.0, 1.0], [0.0, 0.5]])  # range 2
+    shifted = reference + 0.1  # mse 0.01
+    assert latent_psnr(shifted, reference) == pytest.approx(10 * math.log10(4 / 0.01))
+    # Scaling latents and reference together scales the peak with them: the same PSNR.
+    assert latent_psnr(3 * shifted, 3 * reference) == pytest.approx(10 * math.log10(4 / 0.01))
+    assert latent_psnr(reference.clone(), reference) == PSNR_CAP
+    with pytest.raises(ValueError, match="cannot be compared"):
+        latent_psnr(reference[0], reference)
+
+
+def test_wins_count_against_the_best_peer_on_each_pair() -> None:
+    # Peer 0 is best on average, but peer 1 is best on pair 0: the per-pair best counts there.
+    wins = wins_over_best([30.0, 33.0, 29.0, 40.0], [[29.0, 32.0, 30.0, 41.0], [31.0, 30.0, 28.0, 30.0]])
+    assert (wins.wins, wins.pairs) == (1, 4)
+    assert wins.mean_margin == pytest.approx((-1 + 1 - 1 - 1) / 4)
+    assert wins.worst_margin == -1.0
+    assert wins_over_best([30.0], [[30.0]]).wins == 0  # a tie is not a win
+    with pytest.raises(ValueError):
+        wins_over_best([30.0, 31.0], [[30.0]])
 
 
 def test_parse_mag_ratios_reads_magcache_calibration_output() -> None:
@@ -148,13 +214,9 @@ def test_bisect_threshold_lands_on_the_budget_and_keeps_progress_exact() -> None
     assert len(ticks) == 12 and len(probes) <= 12
 
 
-SCHEDULE_BASED = {"meancache", "euler", "unipc", "dpmpp", "reuse", "planner_k0", "minmax", "authors"}
-
-
 @pytest.fixture(scope="module")
-def quick_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object, int, int]:
-    """One quick bench: on the demo model when it is present (unguided: one call per step, so B = 10 means
-    10 evaluations), else on the tiny random pipeline."""
+def quick_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object, int, int, list[str]]:
+    """One quick bench: on the demo model when it is present, else on the tiny random pipeline."""
     from meancache_cli.bench import bench_units, run_bench
 
     out = tmp_path_factory.mktemp("bench")
@@ -166,44 +228,68 @@ def quick_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object,
         model_dir = tmp_path_factory.mktemp("tiny")
         tiny_flux_pipeline().save_pretrained(model_dir)
         options = {"model": str(model_dir), "height": 32, "width": 32, "prompt_set": "shapes",
-                   "call_kwargs": {"max_sequence_length": 16}}
-    ticks = []
-    results = run_bench(out_dir=out, quick=True, advance=lambda: ticks.append(1), **options)
-    return results, out, len(ticks), bench_units(quick=True, **options)
+                   "call_kwargs": {"max_sequence_length": 16}, "configs": ("plain", "cfg")}
+    ticks, stages = [], []
+    results = run_bench(out_dir=out, quick=True, advance=lambda: ticks.append(1), stage=stages.append, **options)
+    return results, out, len(ticks), bench_units(quick=True, **options), stages
 
 
 def test_quick_bench_writes_every_output(quick_bench) -> None:
-    results, out, ticks, units = quick_bench
-    for name in ("results.json", "benchmarks.md", "pareto.png", "grid_B10.png"):
+    results, out, ticks, units, stages = quick_bench
+    for name in ("results.json", "benchmarks.md", "pareto.png", "grid_plain_B10.png", "grid_cfg_B10.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["budgets"] == [10]
     assert ticks == units
     assert not list(out.glob("*.tmp"))
+    assert stages[0].startswith("plain: references") and any(s.startswith("cfg: B = 10") for s in stages)
+
+
+def test_quick_bench_runs_both_configurations_with_their_own_guidance(quick_bench) -> None:
+    configs = {c["key"]: c for c in quick_bench[0]["configs"]}
+    assert set(configs) == {"plain", "cfg"}
+    assert configs["plain"]["call_kwargs"]["true_cfg_scale"] == 1.0
+    assert configs["plain"]["call_kwargs"]["negative_prompt"] is None
+    guided = configs["cfg"]["call_kwargs"]
+    assert (guided["true_cfg_scale"], guided["negative_prompt"]) == (4.0, "")
+    assert (configs["plain"]["branches"], configs["cfg"]["branches"]) == (1, 2)
+    for config in configs.values():
+        reference = config["reference"]
+        assert len(reference["accuracy_runs"]) == len(quick_bench[0]["prompts"]["evaluation"]["prompts"])
+        assert 0 < reference["accuracy"] < 100  # 50 Euler steps differ from 400
 
 
 def test_quick_bench_budget_10_lands_every_method_near_10_evaluations(quick_bench) -> None:
     results = quick_bench[0]
-    rows = {r["method"]: r for r in results["results"] if r["budget"] == 10}
-    assert set(rows) == set(METHODS)
-    for key, row in rows.items():
-        if key in SCHEDULE_BASED:
-            assert row["nfe_runs"] == [10] * len(row["nfe_runs"]), key
-        else:
-            assert abs(row["nfe"] - 10) <= 2, (key, row["nfe_runs"])
-        assert math.isfinite(row["psnr"]) and math.isfinite(row["ssim"]) and row["speedup"] > 0
-    for table in ("kmax", "gamma", "cost", "transfer_prompts"):
-        assert all(math.isfinite(r["psnr"]) for r in results["ablations"][table])
+    for config in ("plain", "cfg"):
+        rows = {r["method"]: r for r in results["results"] if r["budget"] == 10 and r["config"] == config}
+        assert set(rows) == set(METHODS)
+        for key, row in rows.items():
+            if key in SCHEDULE_METHODS or key in SOLVERS:
+                assert row["nfe_runs"] == [10] * len(row["nfe_runs"]), (config, key)
+            else:
+                assert abs(row["nfe"] - 10) <= 2, (config, key, row["nfe_runs"])
+            for name in ("psnr", "ssim", "latent_psnr", "accuracy"):
+                assert math.isfinite(row[name]), (config, key, name)
+            assert row["speedup"] > 0
+        ablations = results["ablations"][config]
+        for table in ("kmax", "gamma", "cost", "lambdas", "estimator", "transfer_prompts"):
+            assert all(math.isfinite(r["latent_psnr"]) for r in ablations[table]), (config, table)
 
 
-def test_quick_bench_report_names_the_peers_and_both_prompt_sets(quick_bench) -> None:
+def test_quick_bench_report_names_the_peers_configurations_and_prompt_sets(quick_bench) -> None:
     results, out = quick_bench[0], quick_bench[1]
     report = (out / "benchmarks.md").read_text()
     assert report.splitlines()[0].startswith("# ")
     assert results["command"] in report
     for method in METHODS.values():
         assert method.label in report
-    for name in ("UniPC", "DPM-Solver++", "FirstBlockCache", "TaylorSeer", "MagCache", "LeMiCa", "Where a peer wins"):
-        assert name in report
+    for name in ("UniPC", "DPM-Solver++", "FirstBlockCache", "TaylorSeer", "MagCache", "LeMiCa", "where a peer wins",
+                 "## Summary", "latent PSNR", "accuracy vs 400-step Euler", "uncached 50-step reference",
+                 "MeanCache beats the best solver on each pair", "dynamic range (max − min)"):
+        assert name in report, name
+    for config in results["configs"]:
+        assert f"## Configuration: {config['label']}" in report
+    assert "K = 0 on every edge" not in report
     prompts = results["prompts"]
     assert not set(prompts["calibration_a"]["prompts"]) & set(prompts["evaluation"]["prompts"])
     assert not set(prompts["calibration_a"]["seeds"]) & set(prompts["evaluation"]["seeds"])
@@ -211,26 +297,74 @@ def test_quick_bench_report_names_the_peers_and_both_prompt_sets(quick_bench) ->
         assert prompt in report
 
 
-def _row(method: str, budget: int, psnr: float, speedup: float) -> dict:
-    return {"method": method, "label": METHODS[method].label, "budget": budget, "psnr": psnr, "ssim": 0.9,
-            "speedup": speedup, "nfe": budget}
+def _row(method: str, budget: int, psnr: float, speedup: float, latent: float | None = None,
+         runs: list[float] | None = None) -> dict:
+    latent = psnr if latent is None else latent
+    runs = runs or [latent]
+    return {"config": "plain", "method": method, "label": METHODS[method].label, "budget": budget, "psnr": psnr,
+            "ssim": 0.9, "latent_psnr": latent, "speedup": speedup, "nfe": budget, "stress": False,
+            "psnr_runs": [psnr] * len(runs), "latent_psnr_runs": runs,
+            "settings": {"compute_steps": [0, 5], "orders": [0, 1], "lambdas": [0.0, 0.5]}}
+
+
+def _results(rows: list[dict]) -> dict:
+    return {"methods": {k: {"label": m.label, "family": m.family} for k, m in METHODS.items()},
+            "configs": [{"key": "plain", "label": "plain (no guidance)"}], "results": rows}
 
 
 def test_where_peers_win_names_the_peer_and_the_budget_from_the_numbers() -> None:
     from meancache_cli.bench.report import where_peers_win
 
-    results = {"methods": {k: {"label": m.label, "family": m.family} for k, m in METHODS.items()}, "results": [
+    results = _results([
         _row("meancache", 10, 30.0, 4.0), _row("unipc", 10, 31.0, 4.5), _row("euler", 10, 25.0, 4.6),
         _row("meancache", 20, 35.0, 2.0), _row("unipc", 20, 34.0, 2.2), _row("euler", 20, 33.0, 2.3),
-    ]}
-    text = " ".join(where_peers_win(results))
-    assert "UniPC (B steps)** beats MeanCache in PSNR at 1 budget (B = 10: 31.00 vs 30.00 dB at 4.50× vs 4.00×)" in text
-    assert "better on both axes" in text
+    ])
+    text = " ".join(where_peers_win(results, "plain"))
+    assert ("UniPC (B steps)** beats MeanCache at 1 budget (B = 10: latent 31.00 vs 30.00, decoded 31.00 vs 30.00 dB "
+            "at 4.50× vs 4.00×)") in text
+    assert "at least as fast in wall time" in text
     assert "Euler (B steps)** beats" not in text
     assert "B = 20: +1.00 dB vs UniPC" in text
     results["results"] = [r for r in results["results"] if r["method"] != "unipc"]
     results["results"].append(_row("reuse", 10, 30.01, 4.0))  # a tie within 0.05 dB is not a win
-    assert "No peer beats MeanCache's mean PSNR" in " ".join(where_peers_win(results))
+    assert "No peer beats MeanCache's mean latent or decoded PSNR" in " ".join(where_peers_win(results, "plain"))
+
+
+def test_summary_and_wins_line_come_from_the_per_pair_numbers() -> None:
+    from meancache_cli.bench.report import summary_lines, wins_line
+
+    results = _results([
+        _row("meancache", 10, 40.0, 4.0, 45.0, [44.0, 46.0, 45.0]),
+        _row("euler", 10, 38.0, 4.2, 40.0, [45.0, 38.0, 37.0]),
+        _row("dpmpp", 10, 41.0, 4.1, 42.0, [43.0, 47.0, 36.0]),
+    ])
+    assert wins_line(results, "plain", 10).startswith(
+        "MeanCache beats the best solver on each pair (the best of Euler, UniPC and DPM-Solver++ with B steps on "
+        "that pair) by latent PSNR on 1 of 3 pairs (margin mean +2.00 dB, worst pair -1.00 dB), and by decoded PSNR "
+        "on 0 of 3 pairs (margin mean -1.00 dB")
+    summary = " ".join(summary_lines(results))
+    assert "the best latent PSNR of every method at B = 10" in summary
+    assert "the best decoded PSNR at no budget" in summary
+    assert "B = 10: DPM-Solver++ 2M (B steps) (decoded PSNR 41.00 vs 40.00 dB)" in summary
+
+
+def test_stage_log_prints_one_plain_line_per_stage_with_calls_done() -> None:
+    import io
+
+    from rich.console import Console
+
+    from meancache_cli.bench.progress import StageLog
+
+    buffer = io.StringIO()
+    log = StageLog(Console(file=buffer, width=40), total=10)
+    log.stage("plain: references [2 pairs]")
+    for _ in range(3):
+        log.advance()
+    log.stage("cfg: B = 10: timing")
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 2  # no wrapping, even past the console width
+    assert lines[0].endswith("0/10 calls: plain: references [2 pairs]")
+    assert lines[1].endswith("3/10 calls: cfg: B = 10: timing")
 
 
 def test_full_evaluation_counter_counts_real_evaluations_only() -> None:

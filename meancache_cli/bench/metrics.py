@@ -1,6 +1,10 @@
-"""Image quality against the uncached reference: PSNR and SSIM on decoded images in [0, 1]."""
+"""Quality against a reference: PSNR and SSIM on decoded images in [0, 1], PSNR on latents, and
+per-pair wins over the best of several peers."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,3 +65,42 @@ def compare(item: object, reference: object) -> tuple[float, float]:
     psnrs = [min(psnr(a, b), PSNR_CAP) for a, b in pairs]
     ssims = [ssim(a, b) for a, b in pairs]
     return float(np.mean(psnrs)), float(np.mean(ssims))
+
+
+def latent_psnr(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR of final latents against reference latents, in dB, capped at `PSNR_CAP`.
+
+    Latents have no fixed range, so the peak is the reference's own dynamic range (max − min): no
+    decoder blurs the difference, and the number stays comparable across methods on the same reference.
+    """
+    reference = reference.detach().double().reshape(-1)
+    latents = latents.detach().double().reshape(-1)
+    if latents.shape != reference.shape:
+        raise ValueError(f"latents of {latents.numel()} elements cannot be compared with {reference.numel()}")
+    peak = float(reference.max() - reference.min())
+    mse = float(torch.mean((latents - reference) ** 2))
+    if mse == 0:
+        return PSNR_CAP
+    return min(PSNR_CAP, 10 * float(np.log10(peak**2 / mse)) if peak > 0 else float("-inf"))
+
+
+@dataclass(frozen=True)
+class PairWins:
+    """Ours against the best peer on each pair: how often ours is strictly higher, and by how much."""
+
+    wins: int
+    pairs: int
+    mean_margin: float
+    worst_margin: float
+
+
+def wins_over_best(ours: Sequence[float], peers: Sequence[Sequence[float]]) -> PairWins:
+    """Per pair, `ours − max(peers)`: one peer per row, one pair per column (a per-pair best, not the
+    best peer on average, so a peer that is good on some pairs only still counts there)."""
+    if not peers:
+        raise ValueError("no peer to compare with")
+    best = np.max(np.asarray(peers, dtype=np.float64), axis=0)
+    margins = np.asarray(ours, dtype=np.float64) - best
+    if margins.shape != best.shape or not margins.size:
+        raise ValueError(f"{len(ours)} values of ours against peers with {best.size} pairs each")
+    return PairWins(int(np.sum(margins > 0)), int(margins.size), float(margins.mean()), float(margins.min()))

@@ -32,7 +32,9 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {
     "meancache": MethodInfo(
         "MeanCache", "ours",
-        "planned schedule (displacement cost, γ = 0.5, Kmax = 5) from calibration set A, average velocity û_K(t→s)"),
+        "schedule planned by `plan_schedule`'s defaults (velocity cost, γ = 4, Kmax = 1, damping λ ∈ {½, 1} or "
+        "reuse chosen per edge) from calibration set A of the same configuration; û(t→s) from the JVP across the "
+        "fresh velocity"),
     "euler": MethodInfo("Euler (B steps)", "solver", "the pipeline's own Euler scheduler with num_inference_steps = B"),
     "unipc": MethodInfo(
         "UniPC (B steps)", "solver",
@@ -45,11 +47,15 @@ METHODS: dict[str, MethodInfo] = {
     "planner_k0": MethodInfo("planner, K = 0", "schedule",
                              "MeanCache's planner restricted to K = 0 (plain velocity reuse on planned steps)"),
     "minmax": MethodInfo("min-max (LeMiCa-style)", "schedule",
-                         "leximax path over the same K = 0 edge costs: smallest largest edge, velocity reuse"),
+                         "leximax path over the K = 0 displacement edge costs: smallest largest edge, velocity reuse"),
+    "release": MethodInfo(
+        "authors' release schedule", "schedule",
+        "the authors' published N = 50 schedule (compute steps and sliding windows of MeanCache4Qwen-Image) run "
+        "with their release estimator; only at the budgets they publish (10, 17, 25)"),
     "authors": MethodInfo(
-        "authors' estimator", "schedule",
-        "MeanCache's compute steps and orders, velocity re-estimated at every skipped step from a sliding "
-        "window (our reading of the authors' release)"),
+        "authors' estimator, our schedule", "schedule",
+        "MeanCache's compute steps, velocity re-estimated at every skipped step from a sliding window reaching "
+        "back to the previous compute step (the release estimator on our schedule)"),
     "fbcache": MethodInfo("FirstBlockCache", "cache",
                           "diffusers FirstBlockCacheConfig, threshold bisected to land near B full evaluations"),
     "taylorseer": MethodInfo(
@@ -62,7 +68,9 @@ METHODS: dict[str, MethodInfo] = {
         "threshold bisected to land near B full evaluations"),
 }
 
-SCHEDULE_METHODS = ("meancache", "reuse", "planner_k0", "minmax", "authors")
+SOLVERS = ("euler", "unipc", "dpmpp")
+
+SCHEDULE_METHODS = ("meancache", "reuse", "planner_k0", "minmax", "release", "authors")
 
 
 @dataclass

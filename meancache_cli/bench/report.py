@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..files import write_atomic
+from .metrics import PairWins, wins_over_best
+from .peers import SOLVERS
 from .realsize_report import real_size_section
 
 RESULTS_FILE = "results.json"
@@ -24,6 +26,7 @@ PSNR_TIE = 0.05  # dB: closer than this is a tie, not a win
 SPEED_TIE = 0.03  # relative: wall-time speed-ups closer than this are within timing noise
 CURVE_TIE = 0.25  # dB: above an interpolated curve, which mixes in timing noise
 PARETO_FILE = "pareto.png"
+METRICS = {"latent_psnr": "latent PSNR", "psnr": "decoded PSNR"}
 
 WHY = {
     "euler": "a B-step Euler grid evaluates the model at every point it steps from, so no velocity is ever stale",
@@ -31,10 +34,10 @@ WHY = {
              "for second-order accuracy, which on a smooth velocity field needs no cache at all",
     "dpmpp": "a multistep solver spends each evaluation on a fresh state and combines it with the previous one "
              "for second-order accuracy, which on a smooth velocity field needs no cache at all",
-    "reuse": "its evenly spaced compute steps evaluate the model earlier and more often at high noise than the "
-             "planned schedule (see the schedule diagnostics below)",
-    "planner_k0": "where its schedule differs, the JVP-corrected edges MeanCache chose cost more than they saved",
-    "minmax": "bounding the largest edge places the compute steps differently from minimizing Σw^(1+γ)",
+    "reuse": "its evenly spaced compute steps place the evaluations differently from the planned schedule",
+    "planner_k0": "plain reuse on its edges errs less there than the JVP-corrected edges MeanCache chose",
+    "minmax": "bounding the largest edge places the compute steps differently from minimizing Σc^(1+γ)",
+    "release": "the authors' compute steps and windows, planned for Qwen-Image, suit this model at this budget",
     "authors": "re-estimating the velocity at every skipped step from the newest latents follows the curvature "
                "inside an edge that one average velocity per edge smooths over",
     "fbcache": "it runs the first block at every step and recomputes whenever that block's output moves, so its "
@@ -45,17 +48,19 @@ WHY = {
 }
 
 
-def grid_file(budget: int) -> str:
-    return f"grid_B{budget}.png"
+def grid_file(config: str, budget: int) -> str:
+    return f"grid_{config}_B{budget}.png"
 
 
-def write_outputs(results: dict[str, Any], grid: dict[str, list[Any]], out_dir: Path, report_path: Path) -> None:
-    """results.json, pareto.png, the grid and the markdown report."""
+def write_outputs(results: dict[str, Any], grid: dict[str, dict[str, list[Any]]], out_dir: Path,
+                  report_path: Path) -> None:
+    """results.json, pareto.png, one grid per configuration and the markdown report."""
     budget = results["ablation_budget"]
     write_atomic(out_dir / RESULTS_FILE, (json.dumps(results, indent=1, default=_json_default) + "\n").encode())
     write_atomic(out_dir / PARETO_FILE, pareto_png(results))
-    if grid.get("reference"):
-        write_atomic(out_dir / grid_file(budget), grid_png(results, grid))
+    for config, images in grid.items():
+        if images.get("reference") and len(images) > 1:
+            write_atomic(out_dir / grid_file(config, budget), grid_png(results, config, images))
     write_atomic(report_path, markdown(results, out_dir, report_path).encode())
 
 
@@ -80,38 +85,42 @@ def _figure_bytes(figure: Any) -> bytes:
 
 
 def pareto_png(results: dict[str, Any]) -> bytes:
-    """PSNR against measured speed-up and against ideal speed-up N/NFE, one line per method."""
+    """Per configuration (rows): decoded and latent PSNR against measured speed-up, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    configs = results["configs"]
+    figure, axes = plt.subplots(len(configs), 2, figsize=(12, 4.6 * len(configs)), squeeze=False)
     markers = "os^vD<>pP*Xh"
     colours = plt.get_cmap("tab20").colors
-    for index, key in enumerate(results["methods"]):
-        rows = sorted((r for r in results["results"] if r["method"] == key), key=lambda r: r["budget"])
-        if not rows:
-            continue
-        ours = key == "meancache"
-        style = {"marker": markers[index % len(markers)], "label": results["methods"][key]["label"],
-                 "color": "black" if ours else colours[(2 * index) % 20 + (index >= 10)],
-                 "linewidth": 2.5 if ours else 1.2, "zorder": 3 if ours else 2}
-        psnr = [r["psnr"] for r in rows]
-        axes[0].plot([r["speedup"] for r in rows], psnr, **style)
-        axes[1].plot([results["steps"] / max(r["nfe"], 1e-9) for r in rows], psnr, **style)
-    axes[0].set_xlabel("measured speed-up vs uncached (median wall time)")
-    axes[1].set_xlabel("ideal speed-up N / NFE")
-    axes[0].set_ylabel("PSNR vs uncached output (dB)")
-    for axis in axes:
-        axis.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
+    for row, config in enumerate(configs):
+        for index, key in enumerate(results["methods"]):
+            rows = sorted((r for r in config_rows(results, config["key"]) if r["method"] == key),
+                          key=lambda r: r["budget"])
+            if not rows:
+                continue
+            ours = key == "meancache"
+            style = {"marker": markers[index % len(markers)], "label": results["methods"][key]["label"],
+                     "color": "black" if ours else colours[(2 * index) % 20 + (index >= 10)],
+                     "linewidth": 2.5 if ours else 1.2, "zorder": 3 if ours else 2}
+            for column, metric in enumerate(METRICS):
+                axes[row][column].plot([r["speedup"] for r in rows], [r[metric] for r in rows], **style)
+        for column, name in enumerate(METRICS.values()):
+            axis = axes[row][column]
+            axis.set_title(f"{config['label']}: {name}", fontsize=9)
+            axis.set_xlabel("measured speed-up vs uncached (median wall time)")
+            axis.set_ylabel(f"{name} vs uncached output (dB)")
+            axis.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7, loc="best")
+    budgets = sorted({r["budget"] for r in results["results"]})
     figure.suptitle(f"{results['model']}: quality against speed, N = {results['steps']}, budgets "
-                    f"{', '.join(str(b) for b in sorted({r['budget'] for r in results['results']}))}")
+                    f"{', '.join(map(str, budgets))}")
     return _figure_bytes(figure)
 
 
-def grid_png(results: dict[str, Any], grid: dict[str, list[Any]]) -> bytes:
+def grid_png(results: dict[str, Any], config: str, grid: dict[str, list[Any]]) -> bytes:
     """Rows: evaluation prompts (first seed); columns: the uncached reference, then every method."""
     import matplotlib
 
@@ -131,10 +140,11 @@ def grid_png(results: dict[str, Any], grid: dict[str, list[Any]]) -> bytes:
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
-                axis.set_title(title.replace(" (", "\n("), fontsize=6)
+                axis.set_title(title.replace(" (", "\n(").replace(", ", ",\n"), fontsize=6)
             if column == 0:
                 axis.set_ylabel(prompts[row].replace(" on ", "\non "), fontsize=5)
-    figure.suptitle(f"B = {results['ablation_budget']} of N = {results['steps']}, seed "
+    label = next(c["label"] for c in results["configs"] if c["key"] == config)
+    figure.suptitle(f"{label}: B = {results['ablation_budget']} of N = {results['steps']}, seed "
                     f"{results['prompts']['evaluation']['seeds'][0]}", fontsize=8)
     return _figure_bytes(figure)
 
@@ -151,9 +161,21 @@ def _nfe(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
+def _db(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _budgets(budgets: list[int]) -> str:
+    return "B = " + ", ".join(map(str, budgets))
+
+
 def _retried(results: dict[str, Any]) -> str:
-    attempts = {r["budget"]: r.get("timing_attempts", 1) for r in results["results"]}
-    retried = [f"B = {b} ({n} attempts)" for b, n in sorted(attempts.items()) if n > 1]
+    attempts = {(r["config"], r["budget"]): r.get("timing_attempts", 1) for r in results["results"]}
+    retried = [f"{c} B = {b} ({n} attempts)" for (c, b), n in sorted(attempts.items()) if n > 1]
     return "retried at " + ", ".join(retried) if retried else "no budget needed a retry in this run"
 
 
@@ -161,112 +183,243 @@ def _link(out_dir: Path, name: str, report_path: Path) -> str:
     return Path(os.path.relpath(out_dir / name, report_path.parent)).as_posix()
 
 
-def budget_rows(results: dict[str, Any], budget: int) -> list[dict[str, Any]]:
-    return [r for r in results["results"] if r["budget"] == budget]
+def config_rows(results: dict[str, Any], config: str) -> list[dict[str, Any]]:
+    return [r for r in results["results"] if r.get("config") == config]
 
 
-def budget_table(results: dict[str, Any], budget: int) -> list[str]:
-    rows = budget_rows(results, budget)
-    best = max(r["psnr"] for r in rows)
+def budget_rows(results: dict[str, Any], config: str, budget: int) -> list[dict[str, Any]]:
+    return [r for r in config_rows(results, config) if r["budget"] == budget]
+
+
+def config_budgets(results: dict[str, Any], config: str) -> list[int]:
+    """Budgets with a MeanCache row in this configuration, the stress budget excluded."""
+    return sorted({r["budget"] for r in config_rows(results, config) if r["method"] == "meancache" and not r["stress"]})
+
+
+def config_info(results: dict[str, Any], config: str) -> dict[str, Any]:
+    return next(c for c in results["configs"] if c["key"] == config)
+
+
+def budget_table(results: dict[str, Any], config: str, budget: int) -> list[str]:
+    """One row per method (best of each quality column in bold) and the uncached N-step reference's own row."""
+    rows = budget_rows(results, config, budget)
+    best = {name: max(r.get(name, -math.inf) for r in rows) for name in ("psnr", "latent_psnr", "accuracy")}
+
+    def cell(r: dict[str, Any], name: str) -> str:
+        value = r.get(name)
+        return "—" if value is None else f"**{value:.2f}**" if value == best[name] else f"{value:.2f}"
+
     body = []
     for r in rows:
-        psnr = f"{r['psnr']:.2f}"
         label = f"**{r['label']}**" if r["method"] == "meancache" else r["label"]
-        body.append([label, _nfe(r["nfe"]), f"{r['speedup']:.2f}×", f"**{psnr}**" if r["psnr"] == best else psnr,
-                     f"{r['ssim']:.4f}"])
-    return _table(["method", "NFE", "speed-up", "PSNR (dB)", "SSIM"], body)
+        body.append([label, _nfe(r["nfe"]), f"{r['speedup']:.2f}×", cell(r, "psnr"), f"{r['ssim']:.4f}",
+                     cell(r, "latent_psnr"), cell(r, "accuracy")])
+    reference = config_info(results, config)["reference"]
+    body.append([f"uncached {results['steps']}-step reference", str(results["steps"]), "1.00×", "—", "—", "—",
+                 _db(reference.get("accuracy"))])
+    return _table(["method", "NFE", "speed-up", "PSNR (dB)", "SSIM", "latent PSNR (dB)",
+                   f"accuracy vs {results['fine_steps']}-step Euler (dB)"], body)
 
 
-def where_peers_win(results: dict[str, Any]) -> list[str]:
-    """One bullet per peer that beats MeanCache's PSNR somewhere (by more than `PSNR_TIE`), from the numbers."""
-    wins: dict[str, list[tuple[int, float, float, float, float]]] = defaultdict(list)
-    margins = []
-    for budget in sorted({r["budget"] for r in results["results"]}):
-        rows = {r["method"]: r for r in budget_rows(results, budget)}
-        ours = rows.get("meancache")
-        if ours is None:
+def solver_wins(results: dict[str, Any], config: str, budget: int) -> dict[str, PairWins]:
+    """MeanCache against the best solver on each evaluation pair, by latent and by decoded PSNR."""
+    rows = {r["method"]: r for r in budget_rows(results, config, budget)}
+    solvers = [rows[key] for key in SOLVERS if key in rows]
+    if "meancache" not in rows or not solvers:
+        return {}
+    return {name: wins_over_best(rows["meancache"][f"{name}_runs"], [r[f"{name}_runs"] for r in solvers])
+            for name in METRICS}
+
+
+def wins_line(results: dict[str, Any], config: str, budget: int) -> str:
+    """The per-pair comparison with the best solver, as one sentence."""
+    wins = solver_wins(results, config, budget)
+    if not wins:
+        return ""
+    parts = [f"by {METRICS[name]} on {w.wins} of {w.pairs} pairs (margin mean {w.mean_margin:+.2f} dB, worst pair "
+             f"{w.worst_margin:+.2f} dB)" for name, w in wins.items()]
+    return (f"MeanCache beats the best solver on each pair (the best of Euler, UniPC and DPM-Solver++ with B "
+            f"steps on that pair) {parts[0]}, and {parts[1]}.")
+
+
+def peers_above(results: dict[str, Any], config: str, budget: int, metric: str
+                ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(peer row, MeanCache row) for each peer whose mean `metric` beats MeanCache's by more than `PSNR_TIE`."""
+    rows = budget_rows(results, config, budget)
+    ours = next((r for r in rows if r["method"] == "meancache"), None)
+    if ours is None:
+        return []
+    return [(r, ours) for r in rows if r["method"] != "meancache" and r[metric] - ours[metric] > PSNR_TIE]
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """Where MeanCache wins and where a peer still wins, per configuration, from the numbers."""
+    lines = []
+    for config in results["configs"]:
+        key = config["key"]
+        budgets = config_budgets(results, key)
+        if not budgets:
             continue
-        peers = [r for key, r in rows.items() if key != "meancache"]
-        if peers:
-            best_peer = max(peers, key=lambda r: r["psnr"])
-            margins.append((budget, ours["psnr"] - best_peer["psnr"], best_peer["label"]))
-        for r in peers:
-            if r["psnr"] - ours["psnr"] > PSNR_TIE:
-                wins[r["method"]].append((budget, r["psnr"], ours["psnr"], r["speedup"], ours["speedup"]))
+        parts = []
+        for metric, name in METRICS.items():
+            best = [b for b in budgets if not peers_above(results, key, b, metric)]
+            parts.append(f"the best {name} of every method at {_budgets(best)}" if best
+                         else f"the best {name} at no budget")
+        text = f"- **{config['label']}**: MeanCache has {parts[0]}, and {parts[1]}."
+        wins = {b: solver_wins(results, key, b) for b in budgets}
+        if all(wins.values()):
+            text += (" Against the best solver per pair, it wins by latent / decoded PSNR on "
+                     + ", ".join(f"{w['latent_psnr'].wins} / {w['psnr'].wins} of {w['psnr'].pairs} pairs at B = {b}"
+                                 for b, w in wins.items()) + ".")
+        losses = []
+        for b in budgets:
+            beaten: dict[str, list[str]] = defaultdict(list)
+            for metric, name in METRICS.items():
+                for peer, ours in peers_above(results, key, b, metric):
+                    beaten[peer["label"]].append(f"{name} {peer[metric]:.2f} vs {ours[metric]:.2f} dB")
+            if beaten:
+                losses.append(f"B = {b}: " + "; ".join(f"{label} ({', '.join(v)})" for label, v in beaten.items()))
+        text += (" A peer still has a higher mean at " + " — ".join(losses) + "." if losses
+                 else f" No peer's mean beats it by more than {PSNR_TIE} dB at any budget.")
+        lines.append(text)
+    return lines
+
+
+def where_peers_win(results: dict[str, Any], config: str) -> list[str]:
+    """One bullet per peer that beats MeanCache's mean latent or decoded PSNR somewhere (by more than
+    `PSNR_TIE`), with its speed and a likely reason, from the numbers."""
+    wins: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
+    for budget in sorted({r["budget"] for r in config_rows(results, config)}):
+        above = {peer["method"]: (peer, ours) for metric in METRICS for peer, ours in
+                 peers_above(results, config, budget, metric)}
+        for key, pair in above.items():
+            wins[key].append(pair)
     methods = results["methods"]
     lines = []
     if not wins:
-        lines.append(f"No peer beats MeanCache's mean PSNR by more than {PSNR_TIE} dB at any budget in this run.")
+        lines.append(f"- No peer beats MeanCache's mean latent or decoded PSNR by more than {PSNR_TIE} dB at any "
+                     "budget in this configuration.")
     for key, entries in sorted(wins.items(), key=lambda item: -len(item[1])):
-        where = "; ".join(f"B = {b}: {p:.2f} vs {o:.2f} dB at {sp:.2f}× vs {so:.2f}×" for b, p, o, sp, so in entries)
-        fast = [b for b, _, _, sp, so in entries if sp >= (1 - SPEED_TIE) * so]
+        where = "; ".join(
+            f"B = {p['budget']}: latent {p['latent_psnr']:.2f} vs {o['latent_psnr']:.2f}, decoded {p['psnr']:.2f} vs "
+            f"{o['psnr']:.2f} dB at {p['speedup']:.2f}× vs {o['speedup']:.2f}×" for p, o in entries)
+        fast = [p["budget"] for p, o in entries if p["speedup"] >= (1 - SPEED_TIE) * o["speedup"]]
         if len(fast) == len(entries):
-            speed = "It is at least as fast in wall time at each (within 3 % timing noise): better on both axes."
+            speed = "It is at least as fast in wall time at each (within 3 % timing noise)."
         elif fast:
-            speed = (f"At B = {', '.join(map(str, fast))} it is also at least as fast in wall time (within 3 % "
-                     "timing noise); elsewhere it trades speed for quality.")
+            speed = (f"At {_budgets(fast)} it is also at least as fast in wall time (within 3 % timing noise); "
+                     "elsewhere it trades speed for quality.")
         else:
             speed = "It is slower in wall time at each of them: it trades speed for quality."
-        lines.append(f"- **{methods[key]['label']}** beats MeanCache in PSNR at {len(entries)} budget"
-                     f"{'s' if len(entries) > 1 else ''} ({where}). {speed} Likely because "
-                     f"{WHY.get(key, 'of its settings (see results.json)')}.")
+        steps = ""
+        if methods[key]["family"] == "schedule":
+            p, o = entries[0]
+            steps = (f" Its compute steps at B = {p['budget']}: {' '.join(map(str, p['settings']['compute_steps']))}; "
+                     f"MeanCache's: {' '.join(map(str, o['settings']['compute_steps']))}.")
+        lines.append(f"- **{methods[key]['label']}** beats MeanCache at {_plural(len(entries), 'budget')} ({where})."
+                     f" {speed}{steps} Likely because {WHY.get(key, 'of its settings (see results.json)')}.")
+    margins = []
+    for budget in sorted({r["budget"] for r in config_rows(results, config)}):
+        rows = budget_rows(results, config, budget)
+        ours = next((r for r in rows if r["method"] == "meancache"), None)
+        peers = [r for r in rows if r["method"] != "meancache"]
+        if ours and peers:
+            best = max(peers, key=lambda r: r["latent_psnr"])
+            margins.append(f"B = {budget}: {ours['latent_psnr'] - best['latent_psnr']:+.2f} dB vs {best['label']}")
     if margins:
-        text = ", ".join(f"B = {b}: {m:+.2f} dB vs {label}" for b, m, label in margins)
-        lines.append(f"- MeanCache's PSNR margin over the best peer at each budget: {text}.")
-    return lines + [f"- {line}" for line in above_curve(results)]
+        lines.append(f"- MeanCache's latent PSNR margin over the best peer (by mean) at each budget: "
+                     f"{', '.join(margins)}.")
+    return lines + [f"- {line}" for metric in METRICS for line in above_curve(results, config, metric)]
 
 
-def schedule_diagnostics(results: dict[str, Any]) -> list[str]:
-    """What MeanCache's own schedules did, from the numbers: orders used, planned vs even spacing, first edge."""
-    rows = defaultdict(dict)
-    for r in results["results"]:
+def schedule_diagnostics(results: dict[str, Any], config: str) -> list[str]:
+    """What MeanCache's own schedules did, from the numbers: edges with the JVP, their dampings, planned vs
+    even spacing with plain reuse."""
+    rows: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in config_rows(results, config):
         rows[r["budget"]][r["method"]] = r
     budgets = sorted(b for b in rows if "meancache" in rows[b])
     if not budgets:
         return []
-    lines = []
-    with_jvp = {b: sum(k > 0 for k in rows[b]["meancache"]["settings"]["orders"]) for b in budgets}
-    if not any(with_jvp.values()):
-        lines.append("At every budget the planner chose K = 0 on every edge: the stability map never rates the "
-                     "JVP-corrected average velocity below plain reuse on this model, so MeanCache ran as velocity "
-                     "reuse on planned steps (its rows match “planner, K = 0”).")
-    else:
-        used = ", ".join(f"B = {b}: {n} of {b} edges" for b, n in with_jvp.items())
-        lines.append(f"Edges where the planner chose K ≥ 1 (JVP-corrected): {used}.")
+    used = []
+    for b in budgets:
+        settings = rows[b]["meancache"]["settings"]
+        dampings = [d for k, d in zip(settings["orders"], settings["lambdas"]) if k]
+        counts = ", ".join(f"λ = {d:g} on {dampings.count(d)}" for d in sorted(set(dampings)))
+        used.append(f"B = {b}: {len(dampings)} of {b} edges" + (f" ({counts})" if counts else ""))
+    lines = [f"Edges where the planner chose the JVP estimate (K = 1) rather than reuse: {'; '.join(used)}."]
     uniform_better = [b for b in budgets if {"reuse", "planner_k0"} <= set(rows[b])
-                      and rows[b]["reuse"]["psnr"] > rows[b]["planner_k0"]["psnr"]]
+                      and rows[b]["reuse"]["latent_psnr"] > rows[b]["planner_k0"]["latent_psnr"] + PSNR_TIE]
     if uniform_better:
-        detail = ", ".join(f"B = {b} ({rows[b]['reuse']['psnr']:.2f} vs {rows[b]['planner_k0']['psnr']:.2f} dB)"
-                           for b in uniform_better)
-        first = {b: rows[b]["meancache"]["settings"]["compute_steps"][1] if b > 1 else results["steps"]
-                 for b in uniform_better}
-        spans = ", ".join(f"0→{first[b]} at B = {b} (even spacing: 0→{results['steps'] // b})" for b in uniform_better)
-        lines.append(f"Evenly spaced compute steps beat the planned ones, both with plain reuse, at {detail}: the "
-                     f"calibrated edge cost misjudges where evaluations matter. MeanCache's first edge spans {spans}; "
-                     "the local cost of an early edge is small because σ barely moves near 1, but an error made "
-                     "early is carried through every later step.")
+        detail = ", ".join(f"B = {b} ({rows[b]['reuse']['latent_psnr']:.2f} vs "
+                           f"{rows[b]['planner_k0']['latent_psnr']:.2f} dB)" for b in uniform_better)
+        lines.append(f"With plain reuse on every edge, evenly spaced compute steps beat the planned ones in latent "
+                     f"PSNR at {detail}: there the calibrated reuse cost misjudges where evaluations matter.")
     return lines
 
 
-def above_curve(results: dict[str, Any]) -> list[str]:
-    """Peers above MeanCache's PSNR–speed-up curve (interpolated between its budgets): the wall-time view."""
-    curve = sorted((r["speedup"], r["psnr"]) for r in results["results"] if r["method"] == "meancache")
+def above_curve(results: dict[str, Any], config: str, metric: str) -> list[str]:
+    """Peers above MeanCache's quality–speed-up curve (interpolated between its budgets): the wall-time view."""
+    rows = config_rows(results, config)
+    curve = sorted((r["speedup"], r[metric]) for r in rows if r["method"] == "meancache")
     if len(curve) < 2:
         return []
-    speeds, psnrs = zip(*curve)
+    speeds, values = zip(*curve)
     above: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for r in results["results"]:
+    for r in rows:
         if r["method"] != "meancache" and speeds[0] <= r["speedup"] <= speeds[-1]:
-            margin = r["psnr"] - float(np.interp(r["speedup"], speeds, psnrs))
+            margin = r[metric] - float(np.interp(r["speedup"], speeds, values))
             if margin > CURVE_TIE:
                 above[r["label"]].append((r["budget"], margin))
-    prefix = (f"At equal measured wall-time speed-up (MeanCache's PSNR–speed-up curve interpolated between its "
-              f"budgets, {speeds[0]:.2f}× to {speeds[-1]:.2f}×), ")
+    prefix = (f"At equal measured wall-time speed-up (MeanCache's {METRICS[metric]}–speed-up curve interpolated "
+              f"between its budgets, {speeds[0]:.2f}× to {speeds[-1]:.2f}×), ")
     if not above:
         return [prefix + "no peer lies above MeanCache."]
-    parts = [f"{label} at B = {', '.join(str(b) for b, _ in sorted(points))} (up to "
-             f"{max(m for _, m in points):+.2f} dB)" for label, points in above.items()]
+    parts = [f"{label} at {_budgets(sorted(b for b, _ in points))} (up to {max(m for _, m in points):+.2f} dB)"
+             for label, points in above.items()]
     return [prefix + f"these peers lie more than {CURVE_TIE} dB above MeanCache: " + "; ".join(parts) + "."]
+
+
+def config_section(results: dict[str, Any], config: dict[str, Any], out_dir: Path, report_path: Path) -> list[str]:
+    """Tables, wins, where a peer wins and the schedule diagnostics of one configuration."""
+    key, steps = config["key"], results["steps"]
+    reference = config["reference"]
+    arguments = ", ".join(f"{name}={value!r}" for name, value in config["call_kwargs"].items())
+    calibration = config["calibration"]
+    lines = [f"## Configuration: {config['label']}", "",
+             f"Pipeline call: `{arguments}`; {config['branches']} model "
+             f"evaluation{'s' if config['branches'] > 1 else ''} per sampler step uncached (NFE below counts "
+             "evaluations per guidance branch). Calibrated on set A in this configuration: "
+             f"{calibration['trajectories']} trajectories from {len(calibration['prompts'])} prompts × "
+             f"{len(calibration['seeds'])} seeds. Uncached: {reference['seconds_median']:.3f} s per image.", ""]
+    if reference.get("accuracy") is not None:
+        lines += [f"The uncached {steps}-step reference's own accuracy (latent PSNR against Euler with "
+                  f"{results['fine_steps']} steps): mean {reference['accuracy']:.2f} dB, worst pair "
+                  f"{min(reference['accuracy_runs']):.2f} dB. Above that level the columns measured against the "
+                  f"{steps}-step output reward copying its error; the accuracy column does not.", ""]
+    for budget in config_budgets(results, key):
+        lines += [f"### {config['label']}: B = {budget} (ideal speed-up {steps / budget:.2f}×)", ""]
+        lines += budget_table(results, key, budget) + [""]
+        line = wins_line(results, key, budget)
+        if line:
+            lines += [line, ""]
+    lines += [f"### {config['label']}: where a peer wins", ""] + where_peers_win(results, key) + [""]
+    diagnostics = schedule_diagnostics(results, key)
+    if diagnostics:
+        lines += ["What MeanCache's own schedules did:", "", " ".join(diagnostics), ""]
+    stress = results.get("stress_budget")
+    if stress and budget_rows(results, key, stress):
+        lines += [f"### {config['label']}: stress test B = {stress} (ideal speed-up {steps / stress:.1f}×)", ""]
+        lines += budget_table(results, key, stress) + [""]
+        line = wins_line(results, key, stress)
+        if line:
+            lines += [line, ""]
+    if (out_dir / grid_file(key, results["ablation_budget"])).exists():
+        lines += [f"Outputs at B = {results['ablation_budget']} (rows: evaluation prompts, first seed; columns: the "
+                  "uncached reference, then each method):", "",
+                  f"![image grid, {config['label']}]"
+                  f"({_link(out_dir, grid_file(key, results['ablation_budget']), report_path)})", ""]
+    return lines
 
 
 def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
@@ -274,9 +427,9 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
     kwargs = results["call_kwargs"]
     env = results["environment"]
     prompts = results["prompts"]
-    main_budgets = results["budgets"]
     n_eval = len(prompts["evaluation"]["prompts"]) * len(prompts["evaluation"]["seeds"])
     size = f"{kwargs.get('height')}×{kwargs.get('width')}" if kwargs.get("height") else "default size"
+    labels = " and ".join(c["label"] for c in results["configs"])
     lines = [
         "# Benchmarks: MeanCache against its peers",
         "",
@@ -286,29 +439,44 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
         results["command"],
         "```",
         "",
-        f"Model `{results['model']}`, N = {steps} steps, {size}; torch {env['torch']}, diffusers "
-        f"{env['diffusers']}, {env['torch_threads']} CPU threads ({env['processor']}). "
+        f"Model `{results['model']}`, N = {steps} steps, {size}, configurations: {labels}; torch {env['torch']}, "
+        f"diffusers {env['diffusers']}, {env['torch_threads']} CPU threads ({env['processor']}). "
         f"Whole run: {results['total_seconds'] / 60:.1f} min"
         f"{' (quick mode: fewer prompts, one budget, one timing run, reduced ablations)' if results['quick'] else ''}.",
         "",
+        "## Summary",
+        "",
+        f"Means over {n_eval} evaluation images; “a peer still has a higher mean” counts a difference of more than "
+        f"{PSNR_TIE} dB.",
+        "",
+        *summary_lines(results),
+        "",
         "## How it is measured",
         "",
-        f"- **Quality**: PSNR and SSIM of the decoded image against the uncached {steps}-step output with the same "
-        f"prompt and seed, mean over {n_eval} evaluation images (PSNR capped at 100 dB per image).",
-        "- **NFE**: full model evaluations per image, counted for every method the same way: a forward pre-hook on "
-        "the first sub-module of the transformer's last block, which runs only when the whole model runs "
-        "(block-level caches call the block itself even when they skip it).",
+        f"- **Decoded quality**: PSNR and SSIM of the decoded image against the uncached {steps}-step output with the "
+        f"same prompt, seed and configuration, mean over {n_eval} evaluation images (PSNR capped at 100 dB per image).",
+        "- **Latent PSNR**: the final latents (read with diffusers' `callback_on_step_end` after the last step, while "
+        f"the pipeline decodes as usual) against the uncached {steps}-step latents; the peak is the reference "
+        "latent's dynamic range (max − min), per image. No decoder blurs the difference.",
+        f"- **Accuracy**: the same latent PSNR against a fine reference, Euler with {results['fine_steps']} steps "
+        f"(8 × N) on the same prompt, seed and configuration, for every method and for the uncached {steps}-step "
+        "reference itself: the N-step reference has its own error, and the accuracy column shows it.",
+        "- **Wins**: per evaluation pair, MeanCache against the best of Euler, UniPC and DPM-Solver++ with B steps on "
+        "that pair (a strictly higher PSNR wins); the margin is MeanCache's PSNR minus that per-pair best.",
+        "- **NFE**: full model evaluations per image and guidance branch, counted for every method the same way: a "
+        "forward pre-hook on the first sub-module of the transformer's last block, which runs only when the whole "
+        "model runs (block-level caches call the block itself even when they skip it).",
         f"- **Speed-up**: median of {results['repeats']} timed runs of the uncached pipeline divided by the median "
         f"of {results['repeats']} timed runs of the method, whole pipeline call (text encoders and VAE included), "
-        "in the same process, round-robin, after every method has already run (warm-up). Uncached: "
-        f"{results['reference']['seconds_median']:.3f} s per image.",
+        "in the same process and configuration, round-robin, after every method has already run (warm-up).",
         f"- Timing: when another process loads the CPU, one run can take many times its usual time; if any timed "
         f"series spreads more than 1.5× (slowest / fastest), the round-robin is repeated (up to 3 times) and the "
         f"steadiest attempt kept: {_retried(results)}.",
-        "- Every schedule-based method runs exactly B evaluations; the dynamic caches have their threshold or "
-        "interval searched on one calibration prompt to land near B, so their NFE on the evaluation set can differ.",
+        "- Every schedule-based method runs exactly B evaluations per branch; the dynamic caches have their "
+        "threshold or interval searched on one calibration prompt to land near B, so their NFE on the evaluation "
+        "set can differ.",
         "",
-        "Calibration and evaluation prompts and seeds are disjoint:",
+        "Calibration and evaluation prompts and seeds are disjoint; each configuration calibrates on its own runs:",
         "",
     ]
     for role, name in (("calibration_a", "Calibration set A (MeanCache, planner K = 0, min-max, MagCache ratios, "
@@ -320,73 +488,68 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
     lines += ["", "### Methods", ""]
     lines += _table(["method", "family", "what runs"],
                     [[m["label"], m["family"], m["description"]] for m in results["methods"].values()])
-    lines += ["", "## Results per budget", ""]
-    for budget in main_budgets:
-        lines += [f"### B = {budget} (ideal speed-up {steps / budget:.2f}×)", ""]
-        lines += budget_table(results, budget) + [""]
-    lines += ["## Where a peer wins", ""]
-    lines += where_peers_win(results) + [""]
-    diagnostics = schedule_diagnostics(results)
-    if diagnostics:
-        lines += ["What MeanCache's own schedules did:", "", " ".join(diagnostics), ""]
-    stress = results.get("stress_budget")
-    if stress and budget_rows(results, stress):
-        lines += [f"## Stress test: B = {stress} (ideal speed-up {steps / stress:.1f}×)", ""]
-        lines += budget_table(results, stress) + [""]
+    lines += [""]
+    for config in results["configs"]:
+        lines += config_section(results, config, out_dir, report_path)
     lines += ablation_sections(results)
     lines += real_size_section(out_dir)
     lines += ["## Figures", "",
-              f"![PSNR against speed-up, one line per method]({_link(out_dir, PARETO_FILE, report_path)})", ""]
-    if (out_dir / grid_file(results["ablation_budget"])).exists():
-        lines += [f"Outputs at B = {results['ablation_budget']} (rows: evaluation prompts, first seed; columns: the "
-                  "uncached reference, then each method):", "",
-                  f"![image grid]({_link(out_dir, grid_file(results['ablation_budget']), report_path)})", ""]
-    lines += [f"Raw numbers, per image and per timed run, and every method's settings: "
+              f"![PSNR against speed-up, one line per method]({_link(out_dir, PARETO_FILE, report_path)})", "",
+              f"Raw numbers, per image and per timed run, and every method's settings: "
               f"[{RESULTS_FILE}]({_link(out_dir, RESULTS_FILE, report_path)}).", ""]
     return "\n".join(lines)
 
 
 def _variant_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    return [[r["variant"], " ".join(map(str, r["compute_steps"])), " ".join(map(str, r["orders"])), _nfe(r["nfe"]),
-             f"{r['psnr']:.2f}", f"{r['ssim']:.4f}"] for r in rows]
+    body = []
+    for r in rows:
+        edges = [f"{t}" + (f"ᴶ{d:g}" if k else "") for t, k, d in
+                 zip(r.get("compute_steps", []), r.get("orders", []), r.get("lambdas", []))]
+        body.append([r["variant"], " ".join(edges) or "—", _nfe(r["nfe"]), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
+                     f"{r['latent_psnr']:.2f}", _db(r.get("accuracy"))])
+    return body
 
 
-VARIANT_HEADER = ["variant", "compute steps", "orders K", "NFE", "PSNR (dB)", "SSIM"]
+VARIANT_HEADER = ["variant", "compute steps (ᴶλ: JVP edge, damping λ)", "NFE", "PSNR (dB)", "SSIM",
+                  "latent PSNR (dB)", "accuracy (dB)"]
 
 
 def ablation_sections(results: dict[str, Any]) -> list[str]:
-    ablations = results["ablations"]
-    budget = ablations["budget"]
-    lines = [f"## Ablations (MeanCache, B = {budget}, evaluation set)", "",
-             "Default: displacement cost, γ = 0.5, Kmax = 5, planned from calibration set A.", ""]
+    lines = []
     sections = [
-        ("kmax", "Largest order Kmax", "K = 0 is plain velocity reuse on planned steps."),
+        ("kmax", "Largest order Kmax", "Kmax = 0 is plain velocity reuse on planned steps."),
         ("gamma", "Peak suppression γ", "γ = 0 is the plain shortest path; large γ approaches min-max."),
-        ("cost", "Edge cost", "Displacement: |σ_s − σ_t|·E_K; velocity: E_K itself."),
+        ("cost", "Edge cost", "Velocity: E itself; displacement: |σ_s − σ_t|·E."),
+        ("lambdas", "Dampings λ the planner may choose", "Reuse (λ = 0) is always allowed."),
+        ("estimator", "Estimator on planned vs evenly spaced steps",
+         "The same estimator on the planned schedule and on evenly spaced compute steps with the JVP on every edge "
+         "after the first."),
         ("transfer_prompts", "Schedule transfer across prompt sets",
          "Planned from calibration set A (the default) or B, both disjoint from the evaluation set; the oracle row "
          "is planned on the evaluation runs themselves, an upper bound on what calibration data can buy."),
     ]
-    for key, title, note in sections:
-        if ablations.get(key):
-            lines += [f"### {title}", "", note, ""] + _table(VARIANT_HEADER, _variant_rows(ablations[key])) + [""]
-    resolution = ablations.get("resolution")
-    if resolution:
-        lines += ["### Schedule transfer across resolutions", "",
-                  f"Evaluated at {resolution['evaluated_at']} on {len(resolution['pairs'])} images against the "
-                  f"uncached {results['steps']}-step output at that size. "
-                  + (f"The demo model was trained at {resolution['planned_base']} only, so this size is out of its "
-                     "training distribution for every method alike. " if results["model"] == "demo" else "")
-                  + f"Calibration at {resolution['evaluated_at']}: seeds "
-                  f"{resolution['calibration_high']['seeds']} on calibration set A's prompts.", ""]
-        rows = []
-        for r in resolution["rows"]:
-            rows.append([r["variant"], " ".join(map(str, r.get("compute_steps", []))) or "—",
-                         " ".join(map(str, r.get("orders", []))) or "—", _nfe(r["nfe"]), f"{r['psnr']:.2f}",
-                         f"{r['ssim']:.4f}"])
-        lines += _table(VARIANT_HEADER, rows) + [""]
-    elif results["quick"]:
+    for config in results["configs"]:
+        ablations = results["ablations"].get(config["key"])
+        if not ablations:
+            continue
+        lines += [f"## Ablations: {config['label']} (MeanCache, B = {ablations['budget']}, evaluation set)", "",
+                  "Default: `plan_schedule`'s defaults (velocity cost, γ = 4, Kmax = 1, λ ∈ {0.5, 1}), planned from "
+                  "calibration set A of this configuration.", ""]
+        for key, title, note in sections:
+            if ablations.get(key):
+                lines += [f"### {title}", "", note, ""] + _table(VARIANT_HEADER, _variant_rows(ablations[key])) + [""]
+        resolution = ablations.get("resolution")
+        if resolution:
+            lines += ["### Schedule transfer across resolutions", "",
+                      f"Evaluated at {resolution['evaluated_at']} on {len(resolution['pairs'])} images against the "
+                      f"uncached {results['steps']}-step output at that size (no fine reference at this size). "
+                      + (f"The demo model was trained at {resolution['planned_base']} only, so this size is out of "
+                         "its training distribution for every method alike. " if results["model"] == "demo" else "")
+                      + f"Calibration at {resolution['evaluated_at']}: seeds "
+                      f"{resolution['calibration_high']['seeds']} on calibration set A's prompts.", ""]
+            lines += _table(VARIANT_HEADER, _variant_rows(resolution["rows"])) + [""]
+    if results["quick"]:
         lines += ["The resolution-transfer ablation and the B = 5 stress test run only in the full bench.", ""]
-    if not math.isfinite(sum(r["psnr"] for r in results["results"])):
+    if not all(math.isfinite(r[name]) for r in results["results"] for name in METRICS):
         lines += ["Some PSNR values are not finite: see results.json.", ""]
     return lines

@@ -1,9 +1,11 @@
 """`run_bench`: MeanCache against every peer, on one model, prompts and seeds, in one process.
 
-Order of work: calibrate (set A, set B, MagCache's ratios), reference runs on the evaluation set,
-then per budget: plan or search every method, generate the evaluation set, time them round-robin
-against the uncached pipeline; then the ablations at B = 10. Every pipeline call advances the
-progress callback once, so `bench_units` is the exact total of a progress bar.
+The bench runs one or more sampling configurations (the demo: plain and true CFG), each with its own
+calibration, references and tables. Per configuration: uncached N-step and fine (8×N-step Euler)
+references on the evaluation set, calibration (set A, set B, MagCache's ratios), then per budget: plan or
+search every method, generate the evaluation set, time them round-robin against the uncached pipeline;
+then the ablations at B = 10. Every pipeline call advances the progress callback once, so
+`bench_units` is the exact total of a progress bar; each stage is announced through `stage`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,8 @@ from ..files import Calibration, Schedule
 from ..hooks import apply_recorder, remove_recorder
 from ..models.registry import ModelSpec, load_pipeline, resolve_model
 from ..plan import plan_schedule, uniform_schedule
-from .authors import release_on_schedule
-from .metrics import compare
+from .authors import release_on_schedule, release_schedule
+from .metrics import compare, latent_psnr
 from .minmax import minmax_path
 from .peers import (
     METHODS,
@@ -54,11 +56,34 @@ DEFAULT_BUDGETS = (8, 10, 13, 17, 25)
 QUICK_BUDGETS = (10,)
 STRESS_BUDGET = 5
 ABLATION_BUDGET = 10
+FINE_FACTOR = 8
 METHOD_ORDER = tuple(METHODS)
 FBC_RANGE = (1e-3, 16.0)
 TIMING_SPREAD = 1.5
 TIMING_ATTEMPTS = 3
+FULL_REPEATS = 3
 MAG_RANGE = (1e-4, 8.0)
+MAG_CALIBRATION_PAIRS = 4
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One sampling configuration: overrides on the model's call arguments (None passes None explicitly)."""
+
+    key: str
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    "plain": BenchConfig("plain", "plain (no guidance)", {"true_cfg_scale": 1.0, "negative_prompt": None}),
+    "cfg": BenchConfig("cfg", "true CFG 4, empty negative prompt", {"true_cfg_scale": 4.0, "negative_prompt": ""}),
+    "default": BenchConfig("default", "the model's default call arguments"),
+}
+# The demo model was trained with prompt dropout, so it runs both with and without true CFG; another
+# model runs its own defaults (real models: with guidance) unless `configs` names others.
+DEMO_CONFIGS = ("plain", "cfg")
+MODEL_CONFIGS = ("default",)
 
 
 @dataclass
@@ -75,9 +100,13 @@ class BenchSettings:
     search_iterations: int
     stress_budget: int | None
     ablation_budget: int
+    configs: tuple[BenchConfig, ...] = (CONFIGS["default"],)
+    fine_steps: int = 0
     kmax_values: tuple[int, ...] = (0, 1)
-    gamma_values: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
-    cost_variants: tuple[tuple[str, float], ...] = (("displacement", 0.5), ("velocity", 0.5), ("velocity", 0.0))
+    gamma_values: tuple[float, ...] = (0.0, 0.5, 2.0, 4.0, 8.0)
+    cost_values: tuple[str, ...] = ("velocity", "displacement")
+    lambda_sets: tuple[tuple[float, ...], ...] = ((1.0,), (0.5,), (0.5, 1.0))
+    uniform_jvp_lambdas: tuple[float, ...] = (1.0, 0.5)
     transfer_resolution: tuple[int, int] | None = None
     resolution_pairs: list[tuple[str, int]] = field(default_factory=list)
     resolution_calibration: PromptSet | None = None
@@ -88,24 +117,39 @@ class BenchSettings:
         extra = (self.stress_budget,) if self.stress_budget and self.stress_budget not in self.budgets else ()
         return tuple(self.budgets) + extra
 
+    def config_kwargs(self, config: BenchConfig) -> dict[str, Any]:
+        return {**self.call_kwargs, **config.overrides}
+
+    def methods_at(self, budget: int) -> tuple[str, ...]:
+        """The methods that exist at `budget` (the authors publish schedules at a few budgets only)."""
+        return tuple(key for key in self.methods
+                     if key != "release" or release_schedule(self.model, self.steps, budget) is not None)
+
     def ablation_variants(self) -> int:
-        return (len(self.kmax_values) + len(self.gamma_values) + len(self.cost_variants) + 3)
+        return (len(self.kmax_values) + len(self.gamma_values) + len(self.cost_values) + len(self.lambda_sets)
+                + 1 + len(self.uniform_jvp_lambdas) + 3)
 
     def resolution_variants(self) -> int:
         return 3 if self.transfer_resolution else 0
 
+    def config_units(self, config: BenchConfig) -> int:
+        """Pipeline calls of one configuration."""
+        evaluation = len(self.prompts.evaluation.pairs())
+        calibration_a = len(self.prompts.calibration_a.pairs())
+        units = (2 * evaluation + 1 + calibration_a + len(self.prompts.calibration_b.pairs())
+                 + min(calibration_a, MAG_CALIBRATION_PAIRS))
+        for budget in self.all_budgets:
+            methods = len(self.methods_at(budget))
+            units += 2 * self.search_iterations + 2 + methods * evaluation + self.repeats * (1 + methods)
+        units += self.ablation_variants() * evaluation
+        if self.transfer_resolution and config == self.configs[0]:
+            units += (len(self.resolution_calibration.pairs()) + len(self.resolution_pairs)
+                      + self.resolution_variants() * len(self.resolution_pairs))
+        return units
+
     def units(self) -> int:
         """Pipeline calls the bench makes: the total of its progress bar."""
-        evaluation = len(self.prompts.evaluation.pairs())
-        per_budget = (2 * self.search_iterations + 2 + len(self.methods) * evaluation
-                      + self.repeats * (1 + len(self.methods)))
-        resolution = 0
-        if self.transfer_resolution:
-            resolution = (len(self.resolution_calibration.pairs()) + len(self.resolution_pairs)
-                          + self.resolution_variants() * len(self.resolution_pairs))
-        return (2 * len(self.prompts.calibration_a.pairs()) + len(self.prompts.calibration_b.pairs())
-                + evaluation + 1 + len(self.all_budgets) * per_budget
-                + self.ablation_variants() * evaluation + resolution)
+        return sum(self.config_units(config) for config in self.configs)
 
 
 def bench_settings(
@@ -118,6 +162,7 @@ def bench_settings(
     width: int | None = None,
     call_kwargs: dict[str, Any] | None = None,
     prompt_set: str | None = None,
+    configs: tuple[str, ...] | None = None,
 ) -> tuple[BenchSettings, ModelSpec]:
     """Resolve the model and build the settings; fails fast on bad options, before any model loads."""
     from ..errors import UsageError
@@ -130,18 +175,23 @@ def bench_settings(
             raise UsageError(f"budget {budget} is out of range: use budgets between 1 and --steps {steps}")
     if repeats is not None and repeats < 1:
         raise UsageError(f"repeats {repeats} is invalid: use 1 or more")
+    configs = tuple(configs) if configs else (DEMO_CONFIGS if spec.name == "demo" else MODEL_CONFIGS)
+    unknown = [key for key in configs if key not in CONFIGS]
+    if unknown or len(set(configs)) != len(configs):
+        raise UsageError(f"configurations {', '.join(configs)} are invalid: use distinct ones of {', '.join(CONFIGS)}")
     prompt_set = prompt_set or ("shapes" if spec.name == "demo" else "generic")
     prompts = bench_prompts(prompt_set, quick, spec.calibration_prompts or None)
     prompts.check_disjoint()
     kwargs = reference_run_kwargs(spec, steps, height, width, None, dict(call_kwargs or {}))
     settings = BenchSettings(
-        model=spec.name, steps=steps, budgets=budgets, quick=quick, repeats=repeats or (1 if quick else 5),
+        model=spec.name, steps=steps, budgets=budgets, quick=quick, repeats=repeats or (1 if quick else FULL_REPEATS),
         prompts=prompts, call_kwargs=kwargs, search_iterations=6 if quick else 8,
         stress_budget=None if quick else STRESS_BUDGET, ablation_budget=ABLATION_BUDGET,
+        configs=tuple(CONFIGS[key] for key in configs), fine_steps=FINE_FACTOR * steps,
     )
     if quick:
         settings.kmax_values, settings.gamma_values = (0, 1), (0.5, 4.0)
-        settings.cost_variants = (("displacement", 0.5), ("velocity", 0.5))
+        settings.uniform_jvp_lambdas = (1.0,)
     elif kwargs.get("height") and kwargs.get("width"):
         evaluation = prompts.evaluation
         settings.transfer_resolution = (2 * kwargs["height"], 2 * kwargs["width"])
@@ -159,62 +209,109 @@ def bench_units(**options: Any) -> int:
 
 @dataclass
 class Run:
+    """One generation: its decoded output, final latents, evaluations per guidance branch, wall time."""
+
     images: list[Any]
-    nfe: int
+    latents: torch.Tensor
+    nfe: float
     seconds: float
+
+
+@dataclass
+class References:
+    """The evaluation pairs of one configuration and what every method is measured against there
+    (`fine` empty where no fine reference was run)."""
+
+    pairs: list[tuple[str, int]]
+    images: list[Any]
+    latents: list[torch.Tensor]
+    fine: list[torch.Tensor]
+
+    def accuracy(self) -> list[float]:
+        """The N-step reference's own error: its latent PSNR against the fine reference."""
+        return [latent_psnr(x, fine) for x, fine in zip(self.latents, self.fine)]
+
+
+def uniform_jvp_schedule(model: str, steps: int, budget: int, damping: float) -> Schedule:
+    """Evenly spaced compute steps with MeanCache's estimator (K = 1, damping λ) on every edge after the first."""
+    schedule = uniform_schedule(model, steps, budget)
+    orders = [0] + [1] * (budget - 1)
+    return replace(schedule, orders=orders, lambdas=[damping * k for k in orders])
 
 
 class Bench:
     """One benchmark run: owns the pipeline, the evaluation counter and the results gathered so far."""
 
-    def __init__(self, settings: BenchSettings, spec: ModelSpec, pipe: Any, advance: Callable[[], None]) -> None:
+    def __init__(self, settings: BenchSettings, spec: ModelSpec, pipe: Any, advance: Callable[[], None],
+                 stage: Callable[[str], None]) -> None:
         self.settings = settings
         self.spec = spec
         self.pipe = pipe
         self.advance = advance
+        self.stage = stage
         self.counter = FullEvaluationCounter(pipe.transformer)
+        self.branches = 1
         self.results: list[dict[str, Any]] = []
-        self.grid: dict[str, list[Any]] = {}
+        self.grid: dict[str, dict[str, list[Any]]] = {}
         self.variant_cache: dict[tuple, dict[str, Any]] = {}
         self.calibrations: dict[str, Calibration] = {}
 
     # -- pipeline calls -------------------------------------------------------------------------------
 
-    def call(self, method: Method | None, prompt: str, seed: int, kwargs: dict[str, Any] | None = None,
-             output_type: str = "pil", tick: bool = True) -> Run:
-        """One generation, with `method` installed around it (uncached N steps for None)."""
-        kwargs = {**(kwargs or self.settings.call_kwargs)}
-        kwargs["num_inference_steps"] = method.steps if method is not None else kwargs["num_inference_steps"]
+    def call(self, method: Method | None, prompt: str, seed: int, kwargs: dict[str, Any],
+             output_type: str = "pil", tick: bool = True, steps: int | None = None) -> Run:
+        """One generation, with `method` installed around it (uncached for None, `steps` or N steps).
+
+        The final latents come from diffusers' `callback_on_step_end` after the last step, while the
+        pipeline still decodes its output as usual.
+        """
+        final: dict[str, torch.Tensor] = {}
+
+        def keep_latents(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict:
+            final["latents"] = callback_kwargs["latents"]
+            return {}
+
+        if method is not None:
+            steps = method.steps
+        kwargs = {**kwargs, "num_inference_steps": steps or kwargs["num_inference_steps"]}
         before = self.counter.count
         with method.applied(self.pipe) if method is not None else nullcontext():
             start = time.perf_counter()
             result = self.pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed),
-                               output_type=output_type, **kwargs)
+                               output_type=output_type, callback_on_step_end=keep_latents, **kwargs)
             seconds = time.perf_counter() - start
         if tick:
             self.advance()
         images = result.frames if hasattr(result, "frames") else result.images
-        return Run(list(images), self.counter.count - before, seconds)
+        latents = final["latents"].detach().float().cpu().clone()
+        return Run(list(images), latents, (self.counter.count - before) / self.branches, seconds)
 
-    def evaluate(self, method: Method, pairs: list[tuple[str, int]], references: list[Any],
-                 kwargs: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
-        """NFE, PSNR and SSIM of `method` on every pair against its uncached reference."""
-        nfe, psnrs, ssims, images = [], [], [], []
-        for (prompt, seed), reference in zip(pairs, references):
+    def evaluate(self, method: Method, references: References, kwargs: dict[str, Any]
+                 ) -> tuple[dict[str, Any], list[Any]]:
+        """NFE, decoded PSNR and SSIM, latent PSNR and (with fine references) accuracy of `method` on every pair."""
+        runs: dict[str, list[float]] = {"nfe": [], "psnr": [], "ssim": [], "latent_psnr": []}
+        if references.fine:
+            runs["accuracy"] = []
+        images = []
+        for index, (prompt, seed) in enumerate(references.pairs):
             run = self.call(method, prompt, seed, kwargs)
-            quality = compare(run.images[0], reference)
-            nfe.append(run.nfe)
-            psnrs.append(quality[0])
-            ssims.append(quality[1])
+            decoded = compare(run.images[0], references.images[index])
+            runs["nfe"].append(run.nfe)
+            runs["psnr"].append(decoded[0])
+            runs["ssim"].append(decoded[1])
+            runs["latent_psnr"].append(latent_psnr(run.latents, references.latents[index]))
+            if references.fine:
+                runs["accuracy"].append(latent_psnr(run.latents, references.fine[index]))
             images.append(run.images[0])
-        summary = {"nfe": float(np.mean(nfe)), "nfe_runs": nfe, "psnr": float(np.mean(psnrs)), "psnr_runs": psnrs,
-                   "ssim": float(np.mean(ssims)), "ssim_runs": ssims}
+        summary: dict[str, Any] = {}
+        for name, values in runs.items():
+            summary[name] = float(np.mean(values))
+            summary[f"{name}_runs"] = values
         return summary, images
 
-    # -- calibration -----------------------------------------------------------------------------------
+    # -- calibration and references ----------------------------------------------------------------
 
-    def calibrate(self, prompts: PromptSet, kwargs: dict[str, Any] | None = None) -> Calibration:
-        kwargs = kwargs or self.settings.call_kwargs
+    def calibrate(self, prompts: PromptSet, kwargs: dict[str, Any]) -> Calibration:
         ticks = {"steps": 0}
 
         def on_step() -> None:
@@ -222,18 +319,20 @@ class Bench:
             if ticks["steps"] % kwargs["num_inference_steps"] == 0:
                 self.advance()
 
-        return calibrate(self.pipe, self.spec, prompts.prompts, prompts.seeds, kwargs,
-                         on_step=on_step)
+        return calibrate(self.pipe, self.spec, prompts.prompts, prompts.seeds, kwargs, on_step=on_step)
 
-    def references(self, pairs: list[tuple[str, int]], kwargs: dict[str, Any] | None = None,
-                   record: bool = False) -> tuple[list[Any], Calibration | None]:
-        """Uncached outputs; with `record`, also the stability maps of these very runs (the oracle)."""
+    def references(self, pairs: list[tuple[str, int]], kwargs: dict[str, Any], fine: bool = True,
+                   record: bool = False) -> tuple[References, Calibration | None]:
+        """Uncached N-step outputs and fine 8×N-step latents; with `record`, also the stability maps of the
+        N-step runs (the oracle calibration)."""
         recorder = apply_recorder(self.pipe) if record else None
         maps: StabilityMaps | None = None
-        images = []
+        images, latents, fine_latents = [], [], []
         try:
             for prompt, seed in pairs:
-                images.append(self.call(None, prompt, seed, kwargs).images[0])
+                run = self.call(None, prompt, seed, kwargs)
+                images.append(run.images[0])
+                latents.append(run.latents)
                 if recorder is not None:
                     if maps is None:
                         maps = MapSettings().maps(self.pipe.scheduler.sigmas.double().cpu().numpy())
@@ -242,15 +341,26 @@ class Bench:
         finally:
             if recorder is not None:
                 remove_recorder(self.pipe)
+        if fine:
+            fine_latents = [self.call(None, prompt, seed, kwargs, output_type="latent",
+                                      steps=self.settings.fine_steps).latents for prompt, seed in pairs]
+        references = References(pairs, images, latents, fine_latents)
         if maps is None:
-            return images, None
-        kwargs = kwargs or self.settings.call_kwargs
+            return references, None
         oracle = Calibration(
             model=self.spec.name, pipeline_class=type(self.pipe).__name__, sigmas=np.asarray(maps.sigmas),
             errors=maps.errors(), step_statistics=maps.step_statistics(),
             prompts=sorted({p for p, _ in pairs}), seeds=sorted({s for _, s in pairs}),
             height=kwargs.get("height"), width=kwargs.get("width"), trajectories=maps.count)
-        return images, oracle
+        return references, oracle
+
+    def count_branches(self, prompt: str, seed: int, kwargs: dict[str, Any]) -> int:
+        """Model evaluations per sampler step of the uncached pipeline (true CFG: 2), from one short run."""
+        before = self.counter.count
+        steps = 2
+        self.pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                  **{**kwargs, "num_inference_steps": steps})
+        return max(1, round((self.counter.count - before) / steps))
 
     # -- methods ---------------------------------------------------------------------------------------
 
@@ -269,15 +379,16 @@ class Bench:
             "minmax": minmax,
         }
 
-    def build_methods(self, budget: int, calibration_ref: Any, mag_ratios: list[float]) -> list[Method]:
+    def build_methods(self, budget: int, calibration: Calibration, calibration_ref: Any, mag_ratios: list[float],
+                      kwargs: dict[str, Any]) -> list[Method]:
         """Every method at `budget`; the dynamic caches searched on the first calibration pair."""
         steps = self.settings.steps
-        plans = self.schedules(budget, self.calibrations["A"])
+        plans = self.schedules(budget, calibration)
         prompt, seed = self.settings.prompts.calibration_a.pairs()[0]
         iterations = self.settings.search_iterations
 
-        def nfe_of(method: Method) -> int:
-            return self.call(method, prompt, seed, output_type="latent", tick=False).nfe
+        def nfe_of(method: Method) -> float:
+            return self.call(method, prompt, seed, kwargs, output_type="latent", tick=False).nfe
 
         fbc_threshold, fbc_probes = bisect_threshold(
             lambda threshold: nfe_of(fbcache_method(budget, steps, threshold)), budget, *FBC_RANGE, iterations,
@@ -287,13 +398,14 @@ class Bench:
             iterations, self.advance)
         taylor_scores = {}
         for order in (1, 2):
-            run = self.call(taylorseer_method(budget, steps, order), prompt, seed)
+            run = self.call(taylorseer_method(budget, steps, order), prompt, seed, kwargs)
             taylor_scores[order] = compare(run.images[0], calibration_ref)[0]
         taylor_order = max(taylor_scores, key=taylor_scores.__getitem__)
 
+        meancache = plans["meancache"]
         built = {
-            "meancache": meancache_method("meancache", plans["meancache"], gamma=0.5, cost="displacement",
-                                          predicted_cost=plans["meancache"].predicted_cost),
+            "meancache": meancache_method("meancache", meancache, gamma=meancache.gamma, cost=meancache.cost,
+                                          predicted_cost=meancache.predicted_cost),
             "euler": euler_method(budget),
             "unipc": solver_method("unipc", budget),
             "dpmpp": solver_method("dpmpp", budget),
@@ -301,17 +413,21 @@ class Bench:
             "planner_k0": meancache_method("planner_k0", plans["planner_k0"],
                                            predicted_cost=plans["planner_k0"].predicted_cost),
             "minmax": meancache_method("minmax", plans["minmax"], largest_edge_cost=plans["minmax"].predicted_cost),
-            "authors": authors_method(release_on_schedule(plans["meancache"])),
+            "authors": authors_method(release_on_schedule(meancache)),
             "fbcache": fbcache_method(budget, steps, fbc_threshold),
             "taylorseer": taylorseer_method(budget, steps, taylor_order),
             "magcache": magcache_method(budget, steps, mag_threshold, mag_ratios),
         }
+        release = release_schedule(self.settings.model, steps, budget)
+        if release is not None:
+            built["release"] = authors_method(release, key="release")
         built["fbcache"].settings["search"] = [[p.threshold, p.nfe] for p in fbc_probes]
         built["magcache"].settings["search"] = [[p.threshold, p.nfe] for p in mag_probes]
         built["taylorseer"].settings["order_search_psnr"] = {str(k): v for k, v in taylor_scores.items()}
-        return [built[key] for key in self.settings.methods]
+        return [built[key] for key in self.settings.methods_at(budget)]
 
-    def time_methods(self, methods: list[Method]) -> tuple[list[float], dict[str, list[float]], int]:
+    def time_methods(self, methods: list[Method], kwargs: dict[str, Any]
+                     ) -> tuple[list[float], dict[str, list[float]], int]:
         """Round-robin timed runs on the first evaluation pair (every method already ran: warm).
 
         When another process loads the CPU, a run can take many times its usual time: if any series
@@ -324,9 +440,9 @@ class Bench:
             uncached: list[float] = []
             timed: dict[str, list[float]] = {method.key: [] for method in methods}
             for _ in range(self.settings.repeats):
-                uncached.append(self.call(None, prompt, seed, tick=attempt == 0).seconds)
+                uncached.append(self.call(None, prompt, seed, kwargs, tick=attempt == 0).seconds)
                 for method in methods:
-                    timed[method.key].append(self.call(method, prompt, seed, tick=attempt == 0).seconds)
+                    timed[method.key].append(self.call(method, prompt, seed, kwargs, tick=attempt == 0).seconds)
             spread = max(max(series) / min(series) for series in (uncached, *timed.values()))
             attempts.append((spread, uncached, timed))
             if spread <= TIMING_SPREAD:
@@ -339,38 +455,79 @@ class Bench:
     def run(self) -> dict[str, Any]:
         settings = self.settings
         prompts = settings.prompts
-        started = mark = time.perf_counter()
+        started = time.perf_counter()
         phases: dict[str, float] = {}
-        self.calibrations["A"] = self.calibrate(prompts.calibration_a)
-        self.calibrations["B"] = self.calibrate(prompts.calibration_b)
-        mag_ratios = calibrate_mag_ratios(self.pipe, prompts.calibration_a.pairs(), settings.call_kwargs,
-                                          settings.steps, self.advance)
+        configs, ablations = [], {}
+        for config in settings.configs:
+            summary, ablations[config.key] = self.run_config(config, phases)
+            configs.append(summary)
+        return {
+            "model": settings.model, "steps": settings.steps, "budgets": list(settings.budgets),
+            "stress_budget": settings.stress_budget, "ablation_budget": settings.ablation_budget,
+            "fine_steps": settings.fine_steps, "quick": settings.quick, "repeats": settings.repeats,
+            "call_kwargs": {k: v for k, v in settings.call_kwargs.items() if k != "num_inference_steps"},
+            "configs": configs,
+            "prompts": {"calibration_a": prompts.calibration_a.as_dict(),
+                        "calibration_b": prompts.calibration_b.as_dict(),
+                        "evaluation": prompts.evaluation.as_dict()},
+            "methods": {key: {"label": METHODS[key].label, "family": METHODS[key].family,
+                              "description": METHODS[key].description} for key in settings.methods},
+            "results": self.results,
+            "ablations": ablations,
+            "environment": environment(),
+            "runtime_seconds": time.perf_counter() - started,
+            "phase_seconds": phases,
+        }
+
+    def run_config(self, config: BenchConfig, phases: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Calibration, references, every budget and the ablations of one configuration."""
+        settings = self.settings
+        prompts = settings.prompts
+        kwargs = settings.config_kwargs(config)
         pairs = prompts.evaluation.pairs()
-        references, oracle = self.references(pairs, record=True)
-        self.calibrations["evaluation (oracle)"] = oracle
-        calibration_ref = self.references(prompts.calibration_a.pairs()[:1])[0][0]
+        tag = config.key
+
+        def phase(name: str) -> Callable[[], None]:
+            self.stage(f"{tag}: {name}")
+            mark = time.perf_counter()
+            return lambda: phases.__setitem__(f"{tag}: {name}", time.perf_counter() - mark)
+
+        done = phase(f"references ({len(pairs)} pairs, {settings.steps} and {settings.fine_steps} steps)")
+        self.branches = 1
+        self.branches = self.count_branches(*pairs[0], kwargs)
+        references, oracle = self.references(pairs, kwargs, record=True)
+        calibration_ref = self.references(prompts.calibration_a.pairs()[:1], kwargs, fine=False)[0].images[0]
+        done()
+        done = phase(f"calibration ({len(prompts.calibration_a.pairs())} + {len(prompts.calibration_b.pairs())} "
+                     "runs, MagCache ratios)")
+        self.calibrations[f"{tag}/A"] = self.calibrate(prompts.calibration_a, kwargs)
+        self.calibrations[f"{tag}/B"] = self.calibrate(prompts.calibration_b, kwargs)
+        self.calibrations[f"{tag}/evaluation (oracle)"] = oracle
+        mag_ratios = calibrate_mag_ratios(self.pipe, prompts.calibration_a.pairs()[:MAG_CALIBRATION_PAIRS], kwargs,
+                                          settings.steps, self.advance)
+        done()
+        calibration = self.calibrations[f"{tag}/A"]
         grid_rows = [i for i, (_, seed) in enumerate(pairs) if seed == prompts.evaluation.seeds[0]]
-        self.grid["reference"] = [references[i] for i in grid_rows]
+        self.grid[tag] = {"reference": [references.images[i] for i in grid_rows]}
         reference_seconds: list[float] = []
-        phases["calibration and references"] = time.perf_counter() - mark
 
         for budget in settings.all_budgets:
-            mark = time.perf_counter()
-            methods = self.build_methods(budget, calibration_ref, mag_ratios)
+            done = phase(f"B = {budget}: search and evaluation")
+            methods = self.build_methods(budget, calibration, calibration_ref, mag_ratios, kwargs)
             rows = []
             for method in methods:
-                summary, images = self.evaluate(method, pairs, references)
-                rows.append({"budget": budget, "method": method.key, "label": method.info.label,
+                summary, images = self.evaluate(method, references, kwargs)
+                rows.append({"config": tag, "budget": budget, "method": method.key, "label": method.info.label,
                              "family": method.info.family, "stress": budget not in settings.budgets,
                              "settings": method.settings, **summary})
                 if budget == settings.ablation_budget:
-                    self.grid[method.key] = [images[i] for i in grid_rows]
+                    self.grid[tag][method.key] = [images[i] for i in grid_rows]
                     if method.key in ("meancache", "planner_k0"):
-                        self.variant_cache[("meancache", *self._schedule_key(method))] = summary
-            phases[f"B={budget}: search and evaluation"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            uncached, timed, attempts = self.time_methods(methods)
-            phases[f"B={budget}: timing"] = time.perf_counter() - mark
+                        self.variant_cache[(tag, *self._schedule_key(method))] = summary
+            done()
+            done = phase(f"B = {budget}: timing ({settings.repeats} runs per method)")
+            uncached, timed, attempts = self.time_methods(methods, kwargs)
+            done()
             reference_seconds += uncached
             for row in rows:
                 seconds = statistics.median(timed[row["method"]])
@@ -379,90 +536,96 @@ class Bench:
                            speedup=statistics.median(uncached) / seconds, timing_attempts=attempts)
             self.results += rows
 
-        mark = time.perf_counter()
-        ablations = self.ablations(pairs, references)
-        phases[f"ablations B={settings.ablation_budget}"] = time.perf_counter() - mark
-        mark = time.perf_counter()
-        ablations["resolution"] = self.resolution_transfer()
-        phases["resolution transfer"] = time.perf_counter() - mark
-        return {
-            "model": settings.model, "steps": settings.steps, "budgets": list(settings.budgets),
-            "stress_budget": settings.stress_budget, "ablation_budget": settings.ablation_budget,
-            "quick": settings.quick, "repeats": settings.repeats,
-            "call_kwargs": {k: v for k, v in settings.call_kwargs.items() if k != "num_inference_steps"},
-            "prompts": {"calibration_a": prompts.calibration_a.as_dict(),
-                        "calibration_b": prompts.calibration_b.as_dict(),
-                        "evaluation": prompts.evaluation.as_dict()},
-            "methods": {key: {"label": METHODS[key].label, "family": METHODS[key].family,
-                              "description": METHODS[key].description} for key in settings.methods},
+        done = phase(f"ablations at B = {settings.ablation_budget}")
+        ablations = self.ablations(tag, calibration, references, kwargs)
+        done()
+        if settings.transfer_resolution and config == settings.configs[0]:
+            done = phase("resolution transfer")
+            ablations["resolution"] = self.resolution_transfer(tag, calibration, kwargs)
+            done()
+        accuracy = references.accuracy()
+        summary = {
+            "key": tag, "label": config.label,
+            "call_kwargs": {k: v for k, v in kwargs.items() if k != "num_inference_steps"},
+            "branches": self.branches, "mag_ratios": mag_ratios,
+            "calibration": {"prompts": calibration.prompts, "seeds": calibration.seeds,
+                            "trajectories": calibration.trajectories},
             "reference": {"nfe": settings.steps, "seconds_median": statistics.median(reference_seconds),
-                          "seconds_runs": reference_seconds},
-            "mag_ratios": mag_ratios,
-            "results": self.results,
-            "ablations": ablations,
-            "environment": environment(),
-            "runtime_seconds": time.perf_counter() - started,
-            "phase_seconds": phases,
+                          "seconds_runs": reference_seconds, "accuracy": float(np.mean(accuracy)),
+                          "accuracy_runs": accuracy},
         }
+        return summary, ablations
 
     @staticmethod
     def _schedule_key(method: Method) -> tuple:
-        return tuple(method.settings["compute_steps"]), tuple(method.settings["orders"])
+        settings = method.settings
+        return (tuple(settings["compute_steps"]), tuple(settings["orders"]), tuple(settings["lambdas"]),
+                settings["estimator"])
 
-    def variant(self, name: str, schedule: Schedule, pairs: list[tuple[str, int]], references: list[Any],
-                kwargs: dict[str, Any] | None = None, tag: str = "", **extra: Any) -> dict[str, Any]:
-        """A MeanCache schedule evaluated once per distinct (compute steps, orders, setting)."""
+    def variant(self, tag: str, name: str, schedule: Schedule, references: References, kwargs: dict[str, Any],
+                **extra: Any) -> dict[str, Any]:
+        """A MeanCache schedule evaluated once per distinct (configuration, schedule)."""
         method = meancache_method("meancache", schedule)
-        key = ("meancache", *self._schedule_key(method), *((tag,) if tag else ()))
+        key = (tag, *self._schedule_key(method))
         if key in self.variant_cache:
-            for _ in pairs:
+            for _ in references.pairs:
                 self.advance()
             summary = self.variant_cache[key]
         else:
-            summary, _ = self.evaluate(method, pairs, references, kwargs)
+            summary, _ = self.evaluate(method, references, kwargs)
             self.variant_cache[key] = summary
         return {"variant": name, "compute_steps": list(schedule.compute_steps), "orders": list(schedule.orders),
-                "predicted_cost": schedule.predicted_cost, **extra, **summary}
+                "lambdas": list(schedule.lambdas), "predicted_cost": schedule.predicted_cost, **extra, **summary}
 
-    def ablations(self, pairs: list[tuple[str, int]], references: list[Any]) -> dict[str, Any]:
-        budget = self.settings.ablation_budget
-        calibration = self.calibrations["A"]
+    def ablations(self, tag: str, calibration: Calibration, references: References, kwargs: dict[str, Any]
+                  ) -> dict[str, Any]:
+        settings = self.settings
+        budget = settings.ablation_budget
+
+        def variant(name: str, schedule: Schedule, **extra: Any) -> dict[str, Any]:
+            return self.variant(tag, name, schedule, references, kwargs, **extra)
+
         out: dict[str, Any] = {"budget": budget}
-        out["kmax"] = [self.variant(f"Kmax = {k}", plan_schedule(calibration, budget, kmax=k), pairs, references,
-                                    kmax=k) for k in self.settings.kmax_values]
-        out["gamma"] = [self.variant(f"γ = {g:g}", plan_schedule(calibration, budget, gamma=g), pairs, references,
-                                     gamma=g) for g in self.settings.gamma_values]
-        out["cost"] = [self.variant(f"{cost}, γ = {g:g}", plan_schedule(calibration, budget, gamma=g, cost=cost),
-                                    pairs, references, cost=cost, gamma=g) for cost, g in self.settings.cost_variants]
+        out["kmax"] = [variant(f"Kmax = {k}", plan_schedule(calibration, budget, kmax=k), kmax=k)
+                       for k in settings.kmax_values]
+        out["gamma"] = [variant(f"γ = {g:g}", plan_schedule(calibration, budget, gamma=g), gamma=g)
+                        for g in settings.gamma_values]
+        out["cost"] = [variant(f"{cost} cost", plan_schedule(calibration, budget, cost=cost), cost=cost)
+                       for cost in settings.cost_values]
+        out["lambdas"] = [variant("λ ∈ {" + ", ".join(f"{v:g}" for v in values) + "}",
+                                  plan_schedule(calibration, budget, lambdas=values), lambdas_allowed=list(values))
+                          for values in settings.lambda_sets]
+        out["estimator"] = [variant("planned schedule (default)", plan_schedule(calibration, budget))] + [
+            variant(f"uniform steps, K = 1, λ = {damping:g}",
+                    uniform_jvp_schedule(settings.model, settings.steps, budget, damping))
+            for damping in settings.uniform_jvp_lambdas]
         out["transfer_prompts"] = [
-            self.variant(f"planned on {name}", plan_schedule(self.calibrations[name], budget), pairs, references,
-                         calibration=name, calibration_prompts=self.calibrations[name].prompts,
-                         calibration_seeds=self.calibrations[name].seeds)
+            variant(f"planned on {name}", plan_schedule(self.calibrations[f"{tag}/{name}"], budget), calibration=name,
+                    calibration_prompts=self.calibrations[f"{tag}/{name}"].prompts,
+                    calibration_seeds=self.calibrations[f"{tag}/{name}"].seeds)
             for name in ("A", "B", "evaluation (oracle)")]
         return out
 
-    def resolution_transfer(self) -> dict[str, Any] | None:
+    def resolution_transfer(self, tag: str, calibration: Calibration, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Planned at the model's resolution vs at the target one, both evaluated at the target."""
         settings = self.settings
-        if not settings.transfer_resolution:
-            return None
         height, width = settings.transfer_resolution
         budget = settings.ablation_budget
-        kwargs = {**settings.call_kwargs, "height": height, "width": width}
-        calibration_high = self.calibrate(settings.resolution_calibration, kwargs)
-        pairs = settings.resolution_pairs
-        references, _ = self.references(pairs, kwargs)
-        base = f"{settings.call_kwargs.get('height')}x{settings.call_kwargs.get('width')}"
+        high = {**kwargs, "height": height, "width": width}
+        calibration_high = self.calibrate(settings.resolution_calibration, high)
+        references, _ = self.references(settings.resolution_pairs, high, fine=False)
+        base = f"{kwargs.get('height')}x{kwargs.get('width')}"
+        size = f"{height}x{width}"
         rows = [
-            self.variant(f"MeanCache planned at {base}", plan_schedule(self.calibrations["A"], budget), pairs,
-                         references, kwargs, tag=f"{height}x{width}", planned_at=base),
-            self.variant(f"MeanCache planned at {height}x{width}", plan_schedule(calibration_high, budget), pairs,
-                         references, kwargs, tag=f"{height}x{width}", planned_at=f"{height}x{width}"),
+            self.variant(f"{tag}@{size}", f"MeanCache planned at {base}", plan_schedule(calibration, budget),
+                         references, high, planned_at=base),
+            self.variant(f"{tag}@{size}", f"MeanCache planned at {size}", plan_schedule(calibration_high, budget),
+                         references, high, planned_at=size),
         ]
-        summary, _ = self.evaluate(euler_method(budget), pairs, references, kwargs)
+        summary, _ = self.evaluate(euler_method(budget), references, high)
         rows.append({"variant": f"Euler, {budget} steps", **summary})
-        return {"budget": budget, "evaluated_at": f"{height}x{width}", "planned_base": base,
-                "pairs": [list(p) for p in pairs],
+        return {"budget": budget, "evaluated_at": size, "planned_base": base, "config": tag,
+                "pairs": [list(p) for p in settings.resolution_pairs],
                 "calibration_high": settings.resolution_calibration.as_dict(), "rows": rows}
 
 
@@ -486,27 +649,31 @@ def run_bench(
     width: int | None = None,
     call_kwargs: dict[str, Any] | None = None,
     prompt_set: str | None = None,
+    configs: tuple[str, ...] | None = None,
     report_path: Path | str | None = None,
     command: str | None = None,
     device: str = "cpu",
     pipe: Any = None,
     advance: Callable[[], None] | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the whole benchmark and write its outputs under `out_dir`; returns the raw results.
 
-    Writes `results.json`, `pareto.png`, `grid_B<ablation budget>.png` to `out_dir` and the markdown
+    Writes `results.json`, `pareto.png`, `grid_<configuration>_B<ablation budget>.png` to `out_dir` and the markdown
     report to `report_path` (default: docs/benchmarks.md for out_dir docs/bench, else
     out_dir/benchmarks.md). `advance` is called once per pipeline call; `bench_units(...)` with the
-    same options is its exact total.
+    same options is its exact total. `stage` is told the name of each stage as it starts.
     """
     import diffusers
 
     from ..errors import UsageError
     from .report import write_outputs
 
+    stage = stage or (lambda name: None)
     out_dir = Path(out_dir)
     report_path = Path(report_path) if report_path is not None else default_report_path(out_dir)
-    settings, spec = bench_settings(model, quick, budgets, steps, repeats, height, width, call_kwargs, prompt_set)
+    settings, spec = bench_settings(model, quick, budgets, steps, repeats, height, width, call_kwargs, prompt_set,
+                                    configs)
     for directory in (out_dir, report_path.parent):
         directory.mkdir(parents=True, exist_ok=True)
         if not os.access(directory, os.W_OK):
@@ -517,7 +684,7 @@ def run_bench(
     started = time.perf_counter()
     try:
         pipe = pipe if pipe is not None else load_pipeline(spec, device=device)
-        bench = Bench(settings, spec, pipe, advance or (lambda: None))
+        bench = Bench(settings, spec, pipe, advance or (lambda: None), stage)
         try:
             with warnings.catch_warnings():
                 # Library deprecation notices would tear through the progress bar on stderr.
@@ -530,6 +697,7 @@ def run_bench(
         diffusers.utils.logging.set_verbosity(verbosity)
     results["command"] = command
     results["total_seconds"] = time.perf_counter() - started
+    stage("writing the report")
     write_outputs(results, bench.grid, out_dir, report_path)
     return results
 

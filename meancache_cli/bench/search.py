@@ -10,10 +10,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Probe:
     threshold: float
-    nfe: int
+    nfe: float
 
 
-def bisect_threshold(nfe_at: Callable[[float], int], budget: int, low: float, high: float, iterations: int,
+def bisect_threshold(nfe_at: Callable[[float], float], budget: int, low: float, high: float, iterations: int,
                      advance: Callable[[], None] = lambda: None) -> tuple[float, list[Probe]]:
     """Bisection in log-threshold on a cache whose NFE falls as its threshold rises.
 
