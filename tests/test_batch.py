@@ -58,3 +58,16 @@ def test_batch_under_torchrun_splits_prompts_and_merges_the_manifest(model_dir, 
     records = manifest(out)
     assert [r["index"] for r in records] == [0, 1, 2, 3, 4] and all(r["nfe"] == 4 for r in records)
     assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["manifest.jsonl"]
+
+
+def test_manifest_merge_keeps_the_newest_record_of_each_index(tmp_path) -> None:
+    """After a resume the rank parts hold newer records than the merged manifest: those win."""
+    from meancache_cli.batch import MANIFEST, _rank_manifest, merge_manifests
+
+    old = [{"index": 0, "seconds": 9.0}, {"index": 1, "seconds": 9.0}]
+    (tmp_path / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in old))
+    _rank_manifest(tmp_path, 0).write_text(json.dumps({"index": 1, "seconds": 1.0}) + "\n")
+    _rank_manifest(tmp_path, 1).write_text(json.dumps({"index": 2, "seconds": 2.0}) + "\n")
+    merged = merge_manifests(tmp_path, 2)
+    assert merged == [{"index": 0, "seconds": 9.0}, {"index": 1, "seconds": 1.0}, {"index": 2, "seconds": 2.0}]
+    assert manifest(tmp_path) == merged and sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST]
