@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def grid_png(results: dict[str, Any], config: str, grid: dict[str, list[Any]]) -
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
-                axis.set_title(title.replace(" (", "\n(").replace(", ", ",\n"), fontsize=6)
+                axis.set_title("\n".join(textwrap.wrap(title, 16)), fontsize=6)
             if column == 0:
                 axis.set_ylabel(prompts[row].replace(" on ", "\non "), fontsize=5)
     label = next(c["label"] for c in results["configs"] if c["key"] == config)
