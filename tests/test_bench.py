@@ -111,12 +111,19 @@ def _release_loop(velocity, x: torch.Tensor, sigmas: list[float], compute: list[
 
 
 def test_release_hook_matches_the_release_loop_step_by_step() -> None:
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from meancache_cli.hooks import SigmaSource
+
     n = 20
-    sigmas = torch.linspace(1.0, 0.0, n + 1)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    rig = SimpleNamespace(scheduler=scheduler)
     schedule = Schedule(model="toy", num_inference_steps=n, compute_steps=[0, 1, 2, 6, 11, 15],
                         orders=[0, 0, 2, 1, 3, 1], estimator="release")
     module = _Toy()
-    hook = ReleaseEstimatorHook(MeanCacheConfig(schedule, ModelAdapter()), lambda: sigmas)
+    hook = ReleaseEstimatorHook(MeanCacheConfig(schedule, ModelAdapter()), SigmaSource(rig))
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, MEANCACHE_HOOK)
     x0 = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
     calls = {"model": 0}
@@ -125,11 +132,15 @@ def test_release_hook_matches_the_release_loop_step_by_step() -> None:
         calls["model"] += 1
         return _Toy.forward(module, x, torch.tensor(sigma).expand(len(x)))[0]
 
+    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, n + 1)[:-1].tolist())
+    sigmas = scheduler.sigmas
     expected = _release_loop(velocity, x0.clone(), sigmas.tolist(), schedule.compute_steps, schedule.orders)
     for _ in range(2):  # a second generation starts the schedule again from step 0
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, n + 1)[:-1].tolist())
         x = x0.clone()
-        for i in range(n):
-            x = x + (sigmas[i + 1] - sigmas[i]) * module(hidden_states=x, timestep=sigmas[i].expand(2))[0]
+        for i, t in enumerate(scheduler.timesteps):
+            out = module(hidden_states=x, timestep=scheduler.sigmas[i].expand(2))[0]
+            x = scheduler.step(out, t, x).prev_sample
         assert torch.allclose(x, expected, atol=1e-5)
     assert calls["model"] == schedule.budget
 
