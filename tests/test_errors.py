@@ -147,11 +147,9 @@ def test_bad_input(files, capsys, args: str, code: int, message: str) -> None:
     assert after == before
 
 
-STDIN_READERS = {
+STDIN_READERS = {  # --prompts - and inspect - read stdin the same way
     "schedule": ["generate", "--prompt", "x", "--schedule", "-", "--out", "{tmp}/o.png"],
     "calibration": ["plan", "--budget", "4", "--calibration", "-"],
-    "inspect": ["inspect", "-"],
-    "prompts": ["calibrate", "--prompts", "-", "--out", "{tmp}/c.safetensors"],
 }
 
 
