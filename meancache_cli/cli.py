@@ -492,14 +492,14 @@ def generate(
 @app.command(cls=Command)
 def bench(
     model: ModelOption = "demo",
-    quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few prompts, B = 10, one timing run.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few prompts, B = 10, 3 timed runs each.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Directory for results.json and figures.")] = Path("docs/bench"),
     report: Annotated[Path | None, typer.Option(
         "--report", help="Markdown report (default docs/benchmarks.md for --out docs/bench, else OUT/).")] = None,
     budgets: Annotated[str | None, typer.Option(
         help="Comma-separated budgets B (default 8,10,13,17,25; 10,17,25 with --real-size).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps N (model default if omitted).")] = None,
-    repeats: Annotated[int | None, typer.Option(help="Timed runs per method (default 3, quick 1).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed runs per method (default 3).")] = None,
     device: Annotated[str | None, typer.Option(
         "--device", help="Torch device (default cpu; cuda with --real-size).")] = None,
     real_size: Annotated[bool, typer.Option("--real-size", help=(

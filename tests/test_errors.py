@@ -30,6 +30,11 @@ def files(calibration, model_dir, tmp_path_factory) -> dict[str, str]:
     (root / "truncated.safetensors").write_bytes(raw[: len(raw) // 3])
     (root / "garbage.safetensors").write_bytes(b"\x00\x01garbage" * 10)
     (root / "empty.txt").write_text("\n# only a comment\n")
+    for part, text in (("model_index.json", "{not json"), ("transformer/config.json", "[]")):
+        broken = root / f"broken-{part.split('/')[0].split('.')[0]}"
+        (broken / part).parent.mkdir(parents=True)
+        (broken / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+        (broken / part).write_text(text)
     (root / "latin1.txt").write_bytes("a red circle on a caf\xe9 background\n".encode("latin-1"))
     (root / "v2.yaml").write_text(schedule.read_text().replace("format_version: 2", "format_version: 3"))
     (root / "other-model.yaml").write_text(schedule.read_text().replace(f"model: {model_dir}", "model: demo"))
@@ -120,6 +125,10 @@ CASES = [
     case("generate --model {model} --prompts {root}/missing.txt --no-cache --out {root}/images", 1,
          "missing.txt does not exist: check the path"),
     case("calibrate --model {model} --prompts {root} --out {root}/c.safetensors", 1, "is a directory"),
+    case("generate --model {root}/broken-model_index --prompt x --no-cache --out {root}/o.png", 1,
+         "broken-model_index/model_index.json is not a readable JSON mapping: save the pipeline again"),
+    case("generate --model {root}/broken-transformer --prompt x --no-cache --out {root}/o.png", 1,
+         "broken-transformer/transformer/config.json is not a readable JSON mapping"),
     case("generate --prompt x", 2, "Missing option '--out'"),
 ]
 
@@ -138,11 +147,9 @@ def test_bad_input(files, capsys, args: str, code: int, message: str) -> None:
     assert after == before
 
 
-STDIN_READERS = {
+STDIN_READERS = {  # --prompts - and inspect - read stdin the same way
     "schedule": ["generate", "--prompt", "x", "--schedule", "-", "--out", "{tmp}/o.png"],
     "calibration": ["plan", "--budget", "4", "--calibration", "-"],
-    "inspect": ["inspect", "-"],
-    "prompts": ["calibrate", "--prompts", "-", "--out", "{tmp}/c.safetensors"],
 }
 
 

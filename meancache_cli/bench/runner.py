@@ -184,7 +184,7 @@ def bench_settings(
     prompts.check_disjoint()
     kwargs = reference_run_kwargs(spec, steps, height, width, None, dict(call_kwargs or {}))
     settings = BenchSettings(
-        model=spec.name, steps=steps, budgets=budgets, quick=quick, repeats=repeats or (1 if quick else FULL_REPEATS),
+        model=spec.name, steps=steps, budgets=budgets, quick=quick, repeats=repeats or FULL_REPEATS,
         prompts=prompts, call_kwargs=kwargs, search_iterations=6 if quick else 8,
         stress_budget=None if quick else STRESS_BUDGET, ablation_budget=ABLATION_BUDGET,
         configs=tuple(CONFIGS[key] for key in configs), fine_steps=FINE_FACTOR * steps,

@@ -67,7 +67,7 @@ def resolve_model(model: str) -> ModelSpec:
         index = path / "model_index.json"
         if not index.is_file():
             raise UsageError(f"{path} has no model_index.json: pass a directory saved with save_pretrained")
-        pipeline_class = json.loads(index.read_text()).get("_class_name", "")
+        pipeline_class = _read_json(index).get("_class_name", "")
         family = _family(path, pipeline_class)
         if family is None:
             return ModelSpec(name=str(path), pipeline_class=pipeline_class, path=path)
@@ -85,17 +85,28 @@ def _family(path: Path, pipeline_class: str) -> ModelSpec | None:
     several share it, the one whose `transformer_config` the saved transformer matches, the most specific
     first (then by name). The demo matches only its own transformer's sizes."""
     config_file = path / "transformer" / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = _read_json(config_file) if config_file.is_file() else {}
     matching = [spec for spec in registered_models() if spec.pipeline_class == pipeline_class
                 and all(config.get(key) == value for key, value in spec.transformer_config.items())]
     return max(matching, key=lambda spec: len(spec.transformer_config), default=None)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A saved pipeline's model_index.json or config.json; a damaged one is one line naming it."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        raise MeanCacheError(f"{file} is not a readable JSON mapping: save the pipeline again with save_pretrained")
+    return data
 
 
 def _check_transformer(spec: ModelSpec) -> None:
     """Refuse a local pipeline whose transformer has no adapter before loading any weights."""
     if spec.path is None:
         return
-    entry = json.loads((spec.path / "model_index.json").read_text()).get("transformer")
+    entry = _read_json(spec.path / "model_index.json").get("transformer")
     if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
         raise MeanCacheError(f"{spec.path} holds a {spec.pipeline_class or 'pipeline'} without a transformer: "
                              "MeanCache supports flow-matching transformer pipelines")
