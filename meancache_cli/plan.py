@@ -43,7 +43,7 @@ def plan_schedule(
     if unknown:
         raise UsageError(f"--lambdas {','.join(f'{v:g}' for v in unknown)} not calibrated: use some of "
                          f"{','.join(f'{v:g}' for v in calibrated)} or calibrate with --lambdas")
-    errors = calibration.errors.select(tuple(sorted(lambdas)) if lambdas else None)
+    errors = calibration.errors.select(tuple(sorted(lambdas))) if lambdas else calibration.errors
     try:
         path = plan_path(edge_costs(errors, calibration.sigmas, cost), budget, gamma, max_skip, kmax)
     except ValueError as error:

@@ -50,12 +50,10 @@ class EdgeMaps:
             return float("nan")
         return float(self.jvp[self.lambdas.index(damping), t - p - 1, t, s])
 
-    def select(self, lambdas: tuple[float, ...] | None = None, max_back: int | None = None) -> EdgeMaps:
-        """The same maps restricted to some dampings and a shorter look-back."""
-        lambdas = self.lambdas if lambdas is None else tuple(lambdas)
+    def select(self, lambdas: tuple[float, ...]) -> EdgeMaps:
+        """The same maps restricted to some of the calibrated dampings."""
         index = [self.lambdas.index(value) for value in lambdas]
-        back = self.max_back if max_back is None else min(max_back, self.max_back)
-        return EdgeMaps(self.reuse, self.jvp[index, :back], lambdas)
+        return EdgeMaps(self.reuse, self.jvp[index], tuple(lambdas))
 
 
 def defined_mask(n: int, max_back: int, count: int) -> tuple[np.ndarray, np.ndarray]:
