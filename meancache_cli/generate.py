@@ -105,4 +105,5 @@ def compare_with_uncached(pipe: Any, prompt: str, seed: int, call_kwargs: dict[s
         on_run()
     return {"reference_nfe": reference.nfe, "reference_seconds": uncached, "cached_seconds": cached,
             "speedup": uncached / cached, "psnr": quality, "ssim": structure,
-            "euler_nfe": euler.nfe, "euler_psnr": compare(euler.images[0], reference.images[0])[0]}
+            "euler_steps": euler.steps, "euler_nfe": euler.nfe,
+            "euler_psnr": compare(euler.images[0], reference.images[0])[0]}

@@ -176,5 +176,5 @@ def test_compare_puts_budget_step_euler_beside_the_cache(calibration, model_dir,
                       *SIZE, "--compare", "--repeat", "1", "--out", str(tmp_path / "o.png"), "--json"], capsys)
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert (summary["nfe"], summary["reference_nfe"], summary["euler_nfe"]) == (4, 10, 4)
+    assert (summary["nfe"], summary["reference_nfe"], summary["euler_nfe"], summary["euler_steps"]) == (4, 10, 4, 4)
     assert 0 < summary["euler_psnr"] <= 100 and 0 < summary["psnr"] <= 100 and summary["speedup"] > 0
