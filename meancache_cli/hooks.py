@@ -43,10 +43,6 @@ class SigmaSource:
         return self.pipe.scheduler.sigmas
 
 
-def _scheduler_sigmas(pipe: Any) -> SigmaSource:
-    return SigmaSource(pipe)
-
-
 @contextmanager
 def _hooks_of(pipe: Any) -> Iterator[HookRegistry]:
     """The transformer's hook registry, to add or remove hooks beneath accelerate's offload wrapper.
@@ -359,7 +355,7 @@ def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> ScheduleHook:
         schedule = load_schedule(schedule)
     schedule.validate("schedule")
     hook_class = HOOKS_BY_ESTIMATOR[schedule.estimator]
-    hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer)), _scheduler_sigmas(pipe))
+    hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer)), SigmaSource(pipe))
     with _hooks_of(pipe) as registry:
         if registry.get_hook(MEANCACHE_HOOK) is not None:
             registry.remove_hook(MEANCACHE_HOOK, recurse=False)
@@ -411,7 +407,7 @@ class RecorderHook(SamplerHook):
 
 def apply_recorder(pipe: Any) -> RecorderHook:
     """Record every later uncached `pipe(...)` call's trajectory."""
-    hook = RecorderHook(adapter_for(pipe.transformer), _scheduler_sigmas(pipe))
+    hook = RecorderHook(adapter_for(pipe.transformer), SigmaSource(pipe))
     with _hooks_of(pipe) as registry:
         registry.register_hook(hook, RECORDER_HOOK)
     return hook
