@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperCommand, TyperGroup
 
+from . import defaults
 from .errors import INTERRUPTED_EXIT, Interrupted, MeanCacheError, UsageError, raise_on_signals
 
 
@@ -87,7 +89,7 @@ def main_options(
 
 
 @contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True):
+def progress_bar(description: str, total: int | None, enabled: bool = True):
     """A rich progress bar on stderr; yields a function that advances it by one."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     # Off when stderr is not a terminal: there a transient bar leaves only a blank line behind.
@@ -238,11 +240,19 @@ def calibrate(
     frames: FramesOption = None,
     max_back: Annotated[int, typer.Option(
         "--max-back", help="Look-back in steps: edge costs are measured for a previous compute step up to this far "
-        "before the edge.")] = 25,
-    lambdas: Annotated[str, typer.Option(help="Comma-separated JVP dampings λ in (0, 1] to measure.")] = "0.5,1",
+        "before the edge.")] = defaults.MAX_BACK,
+    lambdas: Annotated[str, typer.Option(help="Comma-separated JVP dampings λ in (0, 1] to measure.")]
+    = ",".join(f"{value:g}" for value in defaults.LAMBDAS),
     max_elements: Annotated[int, typer.Option(
         "--max-elements", help="Measure the maps on a fixed random subset of this many latent elements (0: all).")]
-    = 65536,
+    = defaults.MAX_ELEMENTS,
+    holdout: Annotated[int | None, typer.Option(
+        "--holdout", help="Runs kept out of the maps to validate plans on (default: up to 4, at most a third).")]
+    = None,
+    runs: Annotated[str | None, typer.Option(
+        "--runs", help="auto: add seeds until plans from two halves of the runs agree (see --max-runs).")] = None,
+    max_runs: Annotated[int, typer.Option("--max-runs", help="With --runs auto: the most map runs.")]
+    = defaults.AUTO_MAX_RUNS,
     true_cfg_scale: CfgOption = None,
     negative_prompt: NegativeOption = None,
     guidance_scale: GuidanceOption = None,
@@ -255,8 +265,15 @@ def calibrate(
     """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
     import numpy as np
 
-    from .calibrate import MapSettings, reference_run_kwargs, remove_shards, shard_directory
-    from .calibrate import calibrate as run_calibration
+    from .calibration import (
+        MapSettings,
+        PlanStability,
+        holdout_count,
+        reference_run_kwargs,
+        remove_shards,
+        run_calibration,
+        shard_directory,
+    )
     from .distributed import current_world
     from .files import save_calibration, writes_to_stdout
     from .models.registry import resolve_model
@@ -266,6 +283,8 @@ def calibrate(
         raise UsageError(f"--max-back {max_back} is invalid: use 1 or more")
     if max_elements < 0:
         raise UsageError(f"--max-elements {max_elements} is invalid: use 0 (all elements) or more")
+    if runs not in (None, "auto"):
+        raise UsageError(f"--runs {runs} is invalid: use --runs auto, or give the runs as --prompt/--seeds")
     settings = MapSettings(max_back, parse_lambdas(lambdas), max_elements or None)
     to_stdout = writes_to_stdout(out)
     if as_json and to_stdout:
@@ -285,13 +304,23 @@ def calibrate(
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     world = current_world()
     pipe = load(spec, world.device(device), dtype, offload, kwargs)
-    runs = len(prompt_list) * len(seed_list)
+    auto = runs == "auto"
+    total = None if auto else len(prompt_list) * len(seed_list)
+    held = holdout_count(holdout, total, len(prompt_list))
     if not resume and world.is_main:
         remove_shards(out)
     world.barrier()
-    mine = len(world.share(range(runs)))
+    mine = (max_runs if auto else len(world.share(range(total - held)))) + (held if world.is_main else 0)
     done = {"reused": 0, "saved": 0}
-    with progress_bar(f"calibrating {spec.name}: {mine} runs", mine * steps, enabled=world.is_main) as advance:
+    figures: list[Any] = []
+
+    def stability(figure: Any) -> None:
+        figures.append(figure)
+        stderr.print(f"after {figure.map_runs} map runs: plan regret {100 * figure.regret:.1f} %, "
+                     f"{figure.shared_steps}/{figure.budget} compute steps shared", highlight=False)
+
+    with progress_bar(f"calibrating {spec.name}: {'up to ' if auto else ''}{mine} runs", mine * steps,
+                      enabled=world.is_main) as advance:
 
         def resumed(steps: int) -> None:
             done["reused"] += 1
@@ -302,9 +331,10 @@ def calibrate(
             done["saved"] += 1
 
         try:
-            calibration = run_calibration(pipe, spec, prompt_list, seed_list, kwargs, settings, on_step=advance,
+            calibration = run_calibration(pipe, spec.name, prompt_list, seed_list, kwargs, settings, on_step=advance,
                                           shards=shard_directory(out), on_resumed=resumed, on_saved=saved,
-                                          world=world)
+                                          world=world, holdout=held, auto_max_runs=max_runs if auto else None,
+                                          on_stability=stability)
         except KeyboardInterrupt:
             share = "" if world.size == 1 else " of this process's share"
             raise Interrupted(f"{done['reused'] + done['saved']} of {mine} reference runs{share} are saved in "
@@ -314,12 +344,16 @@ def calibrate(
         return
     save_calibration(calibration, out)
     remove_shards(out)
+    made = len(prompt_list) * len(calibration.seeds)
     summary = {"output": str(out), "model": spec.name, "steps": steps, "max_back": calibration.max_back,
-               "lambdas": list(settings.lambdas), "runs": runs, "reused": reused,
-               "trajectories": calibration.trajectories, "elements": calibration.elements, "processes": world.size}
-    text = (f"wrote {out}: {runs} reference runs ({calibration.trajectories} trajectories), N={steps}, "
-            f"look-back {calibration.max_back}, λ {lambdas}"
-            + (f"; {reused} of the runs were reused from the interrupted calibration" if resume else ""))
+               "lambdas": list(settings.lambdas), "runs": made, "held_out": len(calibration.held_out),
+               "seeds": calibration.seeds, "reused": reused, "trajectories": calibration.trajectories,
+               "elements": calibration.elements, "processes": world.size, "stability": calibration.stability}
+    text = (f"wrote {out}: {made} reference runs ({len(calibration.held_out)} held out for validation, "
+            f"{calibration.trajectories} trajectories in the maps), N={steps}, look-back {calibration.max_back}, "
+            f"λ {lambdas}" + (f"; {reused} of the runs were reused from the interrupted calibration" if resume else ""))
+    if calibration.stability is not None:
+        text += "\nplan stability: " + PlanStability(**calibration.stability).describe()
     emit(summary, as_json, text, to_stderr=to_stdout)
 
 
@@ -327,46 +361,86 @@ def calibrate(
 def plan(
     calibration: Annotated[str, typer.Option("--calibration", help="Calibration file, or - for stdin.")],
     budget: Annotated[int, typer.Option("--budget", help="Model evaluations per generation (B).")],
-    gamma: Annotated[float, typer.Option(
-        help="Peak suppression γ ≥ 0: minimizes Σ cost^(1+γ) (0 = plain shortest path; large → min-max).")] = 4.0,
-    cost: Annotated[str, typer.Option(help="Edge cost: velocity (E) or displacement (|Δσ|·E).")] = "velocity",
+    model: Annotated[str | None, typer.Option("--model", help=(
+        "The calibrated model: validate candidate recipes by cached runs on the calibration's held-out runs and "
+        "keep the best (without it: plan the default recipe, or the one the options below give)."))] = None,
+    gamma: Annotated[float | None, typer.Option(help=(
+        "Peak suppression γ ≥ 0: minimizes Σ cost^(1+γ) (0 = plain shortest path; large → min-max). "
+        f"Default {defaults.RECIPE.gamma:g}."))] = None,
+    cost: Annotated[str | None, typer.Option(
+        help=f"Edge cost: velocity (E) or displacement (|Δσ|·E). Default {defaults.RECIPE.cost}.")] = None,
+    lambdas: Annotated[str | None, typer.Option(
+        help="Comma-separated dampings λ the planner may use (a subset of the calibration's).")] = None,
+    exponential: Annotated[bool | None, typer.Option(
+        "--exp/--no-exp", help="Let edges use the exponential integrator (DPM-Solver++(2M) as a mean velocity).")]
+    = None,
     max_skip: Annotated[int | None, typer.Option("--max-skip", help="Longest edge in steps.")] = None,
     kmax: Annotated[int, typer.Option(
         help="Largest order K: 0 = velocity reuse only, 1 = the JVP from the previous compute step.")] = 1,
-    lambdas: Annotated[str | None, typer.Option(
-        help="Comma-separated dampings λ the planner may use (a subset of the calibration's).")] = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
     out: Annotated[str, typer.Option("--out", help="Schedule file to write, or - for stdout.")] = "-",
     as_json: JsonOption = False,
 ) -> None:
-    """Choose the compute steps: the cheapest path with exactly BUDGET model evaluations."""
-    from .core.stability import COST_KINDS
+    """Choose the compute steps: the cheapest path with exactly BUDGET model evaluations, validated on held-out
+    calibration runs when --model is given."""
     from .files import load_calibration, reference_from, save_schedule, writes_to_stdout
     from .outputs import check_output_directory
-    from .plan import plan_schedule
+    from .planning import plan as make_plan
 
-    if cost not in COST_KINDS:
-        raise UsageError(f"--cost {cost} is unknown: use one of {', '.join(COST_KINDS)}")
     to_stdout = writes_to_stdout(out)
     if as_json and to_stdout:
         raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
     check_output_directory(out)
-    chosen = parse_lambdas(lambdas) if lambdas is not None else None
-    schedule = plan_schedule(load_calibration(calibration), budget, gamma, cost, max_skip, kmax, calibration, chosen)
+    cal = load_calibration(calibration)
+    recipe = {"cost": cost, "gamma": gamma, "exponential": exponential,
+              "lambdas": parse_lambdas(lambdas) if lambdas is not None else None}
+    pipe = None
+    if model is not None:
+        from .models.registry import resolve_model
+
+        spec = resolve_model(model)
+        if cal.model not in (spec.name, spec.family):
+            raise UsageError(f"the calibration is of model '{cal.model}', not '{spec.name}': pass --model {cal.model}")
+        pipe = load(spec, device, dtype, False, cal.call_kwargs)
+    with progress_bar("validating on held-out runs", None, enabled=pipe is not None) as advance:
+        schedule = make_plan(cal, budget, pipe, max_skip=max_skip, kmax=kmax, calibration_path=calibration,
+                             on_run=advance, **recipe)
     if schedule.calibration is not None and not to_stdout:
         schedule = replace(schedule, calibration={**schedule.calibration, "path": reference_from(out, calibration)})
     save_schedule(schedule, out)
     steps = schedule.num_inference_steps
     summary = {"output": out, "budget": schedule.budget, "num_inference_steps": steps,
                "compute_steps": schedule.compute_steps, "orders": schedule.orders, "lambdas": schedule.lambdas,
+               "kinds": schedule.kinds, "cost": schedule.cost, "gamma": schedule.gamma,
                "edge_costs": schedule.edge_costs, "predicted_cost": schedule.predicted_cost,
-               "speedup_ideal": steps / schedule.budget}
+               "speedup_ideal": steps / schedule.budget, "validation": schedule.validation}
     text = (f"compute steps: {' '.join(map(str, schedule.compute_steps))}\n"
-            f"orders K:      {' '.join(map(str, schedule.orders))}   (1: JVP from the previous compute step)\n"
-            f"dampings λ:    {' '.join(f'{v:g}' for v in schedule.lambdas)}\n"
-            f"edge costs:    {' '.join(f'{c:.3g}' for c in schedule.edge_costs)}   ({cost} error)\n"
-            f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ = {gamma:g}\n"
+            f"edges:         {' '.join(map(edge_label, schedule.kinds, schedule.lambdas))}"
+            "   (reuse v_t; jvp λ: the damped JVP; exp: the exponential integrator)\n"
+            f"edge costs:    {' '.join(f'{c:.3g}' for c in schedule.edge_costs)}   ({schedule.cost} error)\n"
+            f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ = {schedule.gamma:g}\n"
             f"{schedule.budget} of {steps} steps, ideal speed-up {steps / schedule.budget:.1f}x")
+    if schedule.validation is not None:
+        text += "\n" + validation_text(schedule.validation)
     emit(summary, as_json, text, to_stderr=to_stdout)
+
+
+def edge_label(kind: str, damping: float) -> str:
+    return f"jvp{damping:g}" if kind == "jvp" else kind
+
+
+def validation_text(validation: dict[str, Any]) -> str:
+    """The candidates' scores, the chosen one marked, and what the validation cost."""
+    lines = [f"validated on {validation['runs']} held-out runs ({validation['metric']}):"]
+    for entry in validation["candidates"]:
+        mark = "*" if entry["recipe"] == validation["chosen"] else " "
+        same = f"  (same plan as {entry['same_plan_as']})" if entry["same_plan_as"] else ""
+        lines.append(f" {mark} {entry['recipe']:<36} {entry['score']:6.2f} dB   min {min(entry['psnr']):6.2f}{same}")
+    lines.append(f"validation cost: {validation['evaluations_per_branch']} model evaluations per branch = "
+                 f"{100 * validation['cost_share']:.0f} % of the calibration's "
+                 f"{validation['calibration_evaluations_per_branch']}")
+    return "\n".join(lines)
 
 
 app.command("schedule", cls=Command, help="Alias of plan.")(plan)
@@ -407,7 +481,7 @@ def generate(
 ) -> None:
     """Generate an image or a video, running the model only at the schedule's compute steps."""
     from .batch import generate_batch, pending_jobs, plan_jobs
-    from .calibrate import reference_run_kwargs
+    from .calibration import reference_run_kwargs
     from .distributed import current_world, enable_context_parallel
     from .files import load_schedule, shipped_schedule_for
     from .generate import check_schedule, compare_with_uncached
@@ -636,6 +710,15 @@ def describe(error: Exception) -> str:
     return f"{type(error).__name__}: {message} (unexpected: run with --debug for the traceback, and report it)"
 
 
+LIBRARY_PARAMETERS = ("budget", "gamma", "cost", "kmax", "max_skip", "lambdas", "holdout", "max_runs", "runs")
+
+
+def as_flags(message: str) -> str:
+    """A library error names its parameters (`budget=12`); on the command line they are flags (`--budget 12`)."""
+    pattern = rf"\b({'|'.join(LIBRARY_PARAMETERS)})=('?)([^\s']*)\2"
+    return re.sub(pattern, lambda m: f"--{m[1].replace('_', '-')} {m[3]}", message)
+
+
 def main() -> None:
     """Entry point: one-line errors with documented exit codes (2 usage, 1 runtime, 130 interrupted)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -652,7 +735,7 @@ def main() -> None:
     except MeanCacheError as error:
         if DEBUG["on"]:
             raise
-        fail(f"error: {error}", error.exit_code)
+        fail(f"error: {as_flags(str(error))}", error.exit_code)
     except Exception as error:
         if hasattr(error, "format_message") and hasattr(error, "exit_code"):
             # typer's (vendored) click usage errors: bad option values, missing options; with no

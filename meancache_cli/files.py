@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
@@ -27,10 +27,14 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from .core.stability import COST_KINDS, EdgeMaps, defined_mask
+from .core.stability import COST_KINDS, EDGE_KINDS, EdgeMaps, defined_mask
 from .errors import FileFormatError, interrupts_raise
 
-FORMAT_VERSION = 2
+# Version 3: schedules name each edge's estimate (`kinds`) and may carry their validation; calibrations add
+# the exponential edge's map and held-out runs. Version-2 schedules are still read (their edges are reuse or
+# JVP); version-2 calibrations are not (they lack both).
+FORMAT_VERSION = 3
+READABLE_SCHEDULE_VERSIONS = (2, 3)
 CALIBRATION_KIND = "meancache-calibration"
 SCHEDULE_KIND = "meancache-schedule"
 STDIO = "-"
@@ -211,7 +215,11 @@ def _check_header(data: dict, kind: str, source: str) -> None:
                 "compute steps)" if kind == SCHEDULE_KIND else "run 'meancache calibrate' again (its maps "
                 "lack the previous compute step that edge costs now depend on)")
         raise FileFormatError(f"{source} is a format version 1 file, which this meancache no longer reads: {redo}")
-    if version != FORMAT_VERSION:
+    if version == 2 and kind == CALIBRATION_KIND:
+        raise FileFormatError(f"{source} is a format version 2 calibration, which this meancache no longer reads: "
+                              "run 'meancache calibrate' again (it lacks the exponential edge's map and the held-out "
+                              "runs that plans are validated on)")
+    if version not in (READABLE_SCHEDULE_VERSIONS if kind == SCHEDULE_KIND else (FORMAT_VERSION,)):
         raise FileFormatError(
             f"{source}: format_version {version!r} is not supported (this meancache reads version "
             f"{FORMAT_VERSION}); recreate the file with this version"
@@ -221,13 +229,26 @@ def _check_header(data: dict, kind: str, source: str) -> None:
 ESTIMATORS = ("meancache", "release")
 
 
+class Edge(NamedTuple):
+    """One edge of a schedule: the model runs at `start`, and its estimate serves every step up to `end`."""
+
+    start: int
+    end: int
+    order: int
+    damping: float
+    kind: str
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Which steps run the model and how each edge is estimated: the output of `plan`, input of `generate`.
 
-    `estimator: meancache`: `orders[i]` is K (0 = reuse `v_t`; K ≥ 1 = the JVP read from the K-th previous
-    compute step) and `lambdas[i]` its damping λ (0 where K = 0). `estimator: release`: `orders[i]` is the
-    authors' sliding window (1 = reuse, 0 on edges without a skipped step) and `lambdas` are all 0.
+    `estimator: meancache`: `kinds[i]` is the edge's estimate (`reuse` v_t, the damped `jvp`, or the
+    exponential integrator `exp`), `orders[i]` its K (0 for reuse; K ≥ 1 = the K-th previous compute step
+    it reads) and `lambdas[i]` the JVP's damping λ (0 for reuse, 1 for exp). `estimator: release`: `orders[i]`
+    is the authors' sliding window (1 = reuse, 0 on edges without a skipped step), `lambdas` are all 0 and
+    `kinds` all reuse. `validation`, when the plan was validated, holds every candidate recipe's measured
+    score on held-out calibration runs and which one was chosen.
     """
 
     model: str
@@ -246,6 +267,8 @@ class Schedule:
     frames: int | None = None
     calibration: dict[str, str] | None = None
     notes: str | None = None
+    kinds: list[str] = field(default_factory=list)
+    validation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.lambdas and self.estimator == "meancache":
@@ -253,16 +276,21 @@ class Schedule:
             object.__setattr__(self, "lambdas", [1.0 if k else 0.0 for k in self.orders])
         elif not self.lambdas:
             object.__setattr__(self, "lambdas", [0.0] * len(self.orders))
+        if not self.kinds:
+            # A version-2 schedule: every edge with an order and a damping is the JVP, the rest reuse.
+            meancache = self.estimator == "meancache"
+            object.__setattr__(self, "kinds", ["jvp" if meancache and k and lam else "reuse"
+                                               for k, lam in zip(self.orders, self.lambdas)])
 
     @property
     def budget(self) -> int:
         return len(self.compute_steps)
 
     @property
-    def edges(self) -> list[tuple[int, int, int, float]]:
-        """(t, s, order, λ) of every edge, in order."""
+    def edges(self) -> list[Edge]:
+        """Every edge, in order."""
         ends = [*self.compute_steps[1:], self.num_inference_steps]
-        return list(zip(self.compute_steps, ends, self.orders, self.lambdas))
+        return [Edge(*values) for values in zip(self.compute_steps, ends, self.orders, self.lambdas, self.kinds)]
 
     def validate(self, source: str) -> None:
         """Raise FileFormatError naming the first inconsistent field."""
@@ -275,7 +303,8 @@ class Schedule:
             raise FileFormatError(
                 f"{source}: 'compute_steps' must be strictly ascending step indices below num_inference_steps={n}"
             )
-        for name, values in (("orders", orders), ("lambdas", self.lambdas), ("edge_costs", self.edge_costs)):
+        for name, values in (("orders", orders), ("lambdas", self.lambdas), ("kinds", self.kinds),
+                             ("edge_costs", self.edge_costs)):
             if (values or name != "edge_costs") and len(values) != len(steps):
                 raise FileFormatError(
                     f"{source}: '{name}' has {len(values)} entries but 'compute_steps' has {len(steps)}: one per step"
@@ -283,20 +312,30 @@ class Schedule:
         if self.estimator not in ESTIMATORS:
             raise FileFormatError(
                 f"{source}: 'estimator' must be one of {', '.join(ESTIMATORS)}, not {self.estimator!r}")
+        unknown = [kind for kind in self.kinds if kind not in EDGE_KINDS]
+        if unknown:
+            raise FileFormatError(f"{source}: 'kinds' holds {unknown[0]!r}: use one of {', '.join(EDGE_KINDS)}")
         if self.estimator == "release":
-            if any(k < 0 for k in orders) or any(self.lambdas):
-                raise FileFormatError(f"{source}: a release schedule needs windows ≥ 0 in 'orders' and 0 in 'lambdas'")
+            if any(k < 0 for k in orders) or any(self.lambdas) or set(self.kinds) != {"reuse"}:
+                raise FileFormatError(f"{source}: a release schedule needs windows ≥ 0 in 'orders', 0 in 'lambdas' "
+                                      "and reuse in 'kinds'")
         else:
-            for index, (t, k, damping) in enumerate(zip(steps, orders, self.lambdas)):
+            for index, (t, k, damping, kind) in enumerate(zip(steps, orders, self.lambdas, self.kinds)):
                 if not 0 <= k <= index:
                     raise FileFormatError(
                         f"{source}: 'orders' gives K={k} at step {t}, but {index} compute step(s) come before it: "
                         f"K must lie in 0…{index} (the K-th previous compute step must exist)"
                     )
+                if (kind == "reuse") != (k == 0):
+                    raise FileFormatError(f"{source}: step {t} is a {kind} edge with K={k}: reuse edges have K = 0, "
+                                          "jvp and exp edges K ≥ 1")
                 if not (math.isfinite(damping) and 0 <= damping <= 1) or (k == 0 and damping != 0):
                     raise FileFormatError(
                         f"{source}: 'lambdas' gives λ={damping} at step {t}: use a damping in 0…1, and 0 where K = 0"
                     )
+                if kind == "exp" and damping != 1:
+                    raise FileFormatError(f"{source}: 'lambdas' gives λ={damping} for the exp edge at step {t}: "
+                                          "exponential edges are undamped, use 1")
         if self.cost not in COST_KINDS:
             raise FileFormatError(f"{source}: 'cost' must be one of {', '.join(COST_KINDS)}, not {self.cost!r}")
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
@@ -316,6 +355,8 @@ _SCHEDULE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "max_skip": (int, type(None)), "height": (int, type(None)), "width": (int, type(None)),
     "frames": (int, type(None)), "calibration": (dict, type(None)), "notes": (str, type(None)),
 }
+# Fields a version-2 schedule does not have.
+_SCHEDULE_FIELDS_V3: dict[str, type | tuple[type, ...]] = {"kinds": list, "validation": (dict, type(None))}
 
 
 def parse_schedule(text: str, source: str) -> Schedule:
@@ -330,7 +371,10 @@ def parse_schedule(text: str, source: str) -> Schedule:
     if not isinstance(data, dict):
         raise FileFormatError(f"{source} is not a MeanCache schedule (expected a YAML mapping)")
     _check_header(data, SCHEDULE_KIND, source)
-    values = {name: _require(data, name, kind, source) for name, kind in _SCHEDULE_FIELDS.items()}
+    fields = {**_SCHEDULE_FIELDS, **(_SCHEDULE_FIELDS_V3 if data["format_version"] >= 3 else {})}
+    values = {name: _require(data, name, kind, source) for name, kind in fields.items()}
+    if not all(isinstance(v, str) for v in values.get("kinds", [])):
+        raise FileFormatError(f"{source}: 'kinds' must be a list of strings")
     for name in ("compute_steps", "orders"):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values[name]):
             raise FileFormatError(f"{source}: '{name}' must be a list of integers")
@@ -393,8 +437,19 @@ def save_schedule(schedule: Schedule, path: str | Path) -> None:
 
 
 @dataclass
+class HeldOutRun:
+    """A calibration run kept out of the maps: the start noise the pipeline drew for (prompt, seed) and its
+    uncached final latents (as `output_type="latent"` returns them), to validate plans against."""
+
+    prompt: str
+    seed: int
+    noise: np.ndarray
+    final: np.ndarray
+
+
+@dataclass
 class Calibration:
-    """Mean error maps of the uncached sampler and where they came from."""
+    """Mean error maps of the uncached sampler, held-out runs, and where they came from."""
 
     model: str
     pipeline_class: str
@@ -411,6 +466,9 @@ class Calibration:
     trajectories: int = 0
     elements: int = 0
     latent_elements: int = 0
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    held_out: list[HeldOutRun] = field(default_factory=list)
+    stability: dict[str, Any] | None = None
 
     @property
     def num_inference_steps(self) -> int:
@@ -428,12 +486,17 @@ class Calibration:
             "lambdas": list(self.errors.lambdas), "height": self.height, "width": self.width, "frames": self.frames,
             "guidance": self.guidance, "prompts": self.prompts, "seeds": self.seeds,
             "trajectories": self.trajectories, "elements": self.elements, "latent_elements": self.latent_elements,
+            "call_kwargs": self.call_kwargs, "stability": self.stability,
+            "held_out": [{"prompt": run.prompt, "seed": run.seed} for run in self.held_out],
         }
 
     def to_bytes(self) -> bytes:
-        arrays = {"reuse_errors": self.errors.reuse, "jvp_errors": self.errors.jvp, "sigmas": self.sigmas,
-                  **self.step_statistics}
+        arrays = {"reuse_errors": self.errors.reuse, "jvp_errors": self.errors.jvp, "exp_errors": self.errors.exp,
+                  "sigmas": self.sigmas, **self.step_statistics}
         arrays = {name: np.ascontiguousarray(a, dtype=np.float64) for name, a in arrays.items()}
+        for index, run in enumerate(self.held_out):
+            arrays[f"held_out_{index}_noise"] = np.ascontiguousarray(run.noise, dtype=np.float32)
+            arrays[f"held_out_{index}_final"] = np.ascontiguousarray(run.final, dtype=np.float32)
         return save_safetensors(arrays, metadata={"meancache": json.dumps(self.metadata())})
 
 
@@ -480,7 +543,7 @@ def parse_calibration(raw: bytes, source: str) -> Calibration:
             "run 'meancache calibrate' again"
         )
     _check_header(meta, CALIBRATION_KIND, source)
-    for name in ("reuse_errors", "jvp_errors", "sigmas", *STEP_STATISTICS):
+    for name in ("reuse_errors", "jvp_errors", "exp_errors", "sigmas", *STEP_STATISTICS):
         if name not in arrays:
             raise FileFormatError(f"{source}: the array '{name}' is missing")
         if arrays[name].dtype != np.float64:
@@ -491,25 +554,27 @@ def parse_calibration(raw: bytes, source: str) -> Calibration:
     lambdas = _require(meta, "lambdas", list, source)
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in lambdas):
         raise FileFormatError(f"{source}: 'lambdas' must be a list of dampings in (0, 1]")
-    sigmas, reuse, jvp = arrays["sigmas"], arrays["reuse_errors"], arrays["jvp_errors"]
+    sigmas, reuse, jvp, exp = arrays["sigmas"], arrays["reuse_errors"], arrays["jvp_errors"], arrays["exp_errors"]
     if sigmas.shape != (n + 1,):
         raise FileFormatError(f"{source}: 'sigmas' has shape {sigmas.shape}, expected ({n + 1},)")
     if not np.all(np.isfinite(sigmas)) or np.any(np.diff(sigmas) >= 0):
         raise FileFormatError(f"{source}: 'sigmas' must be finite and strictly decreasing")
     for name, values, shape in (("reuse_errors", reuse, (n + 1, n + 1)),
-                                ("jvp_errors", jvp, (len(lambdas), max_back, n + 1, n + 1))):
+                                ("jvp_errors", jvp, (len(lambdas), max_back, n + 1, n + 1)),
+                                ("exp_errors", exp, (1, max_back, n + 1, n + 1))):
         if values.shape != shape:
             raise FileFormatError(f"{source}: '{name}' has shape {values.shape}, expected {shape}")
     reuse_defined, jvp_defined = defined_mask(n, max_back, len(lambdas))
     _check_map(source, "reuse_errors", reuse, reuse_defined)
     _check_map(source, "jvp_errors", jvp, jvp_defined)
+    _check_map(source, "exp_errors", exp, defined_mask(n, max_back, 1)[1])
     for name in STEP_STATISTICS:
         if arrays[name].shape != (n,):
             raise FileFormatError(f"{source}: '{name}' has shape {arrays[name].shape}, expected ({n},)")
     return Calibration(
         model=_require(meta, "model", str, source),
         pipeline_class=_require(meta, "pipeline_class", str, source),
-        sigmas=sigmas, errors=EdgeMaps(reuse, jvp, tuple(float(v) for v in lambdas)),
+        sigmas=sigmas, errors=EdgeMaps(reuse, jvp, tuple(float(v) for v in lambdas), exp),
         step_statistics={name: arrays[name] for name in STEP_STATISTICS},
         prompts=_require(meta, "prompts", list, source), seeds=_require(meta, "seeds", list, source),
         height=_require(meta, "height", (int, type(None)), source),
@@ -520,7 +585,24 @@ def parse_calibration(raw: bytes, source: str) -> Calibration:
         trajectories=_require(meta, "trajectories", int, source),
         elements=_require(meta, "elements", int, source),
         latent_elements=_require(meta, "latent_elements", int, source),
+        call_kwargs=_require(meta, "call_kwargs", dict, source),
+        held_out=_held_out_runs(meta, arrays, source),
+        stability=_require(meta, "stability", (dict, type(None)), source),
     )
+
+
+def _held_out_runs(meta: dict, arrays: dict[str, np.ndarray], source: str) -> list[HeldOutRun]:
+    """The held-out runs the metadata lists, each with its two latents."""
+    runs = []
+    for index, entry in enumerate(_require(meta, "held_out", list, source)):
+        if not (isinstance(entry, dict) and isinstance(entry.get("prompt"), str)
+                and isinstance(entry.get("seed"), int)):
+            raise FileFormatError(f"{source}: 'held_out' entry {index} must be a mapping with a prompt and a seed")
+        latents = [arrays.get(f"held_out_{index}_{part}") for part in ("noise", "final")]
+        if any(array is None for array in latents):
+            raise FileFormatError(f"{source}: the latents of held-out run {index} are missing: calibrate again")
+        runs.append(HeldOutRun(entry["prompt"], entry["seed"], *latents))
+    return runs
 
 
 def load_file(path: str | Path) -> Calibration | Schedule:

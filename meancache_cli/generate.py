@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .calibrate import StepCallback, step_callback
+from .calibration import StepCallback, step_callback
 from .errors import ScheduleMismatchError
 from .files import Schedule
 from .hooks import apply_evaluation_counter, apply_meancache, remove_meancache

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .core.estimator import mean_velocity, release_velocity
+from .core.estimator import exponential_velocity, mean_velocity, release_velocity
 from .errors import MeanCacheError, ScheduleMismatchError
 from .files import Schedule, load_schedule
 from .models.adapters import ModelAdapter, adapter_for
@@ -249,8 +249,7 @@ class ScheduleHook(SamplerHook):
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
         super().__init__(config.adapter, sigmas)
         self.config = config
-        self.edges = {t: (index, s, order, damping)
-                      for index, (t, s, order, damping) in enumerate(config.schedule.edges)}
+        self.edges = {edge.start: (index, edge) for index, edge in enumerate(config.schedule.edges)}
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
         latents, timestep = self.forward_args.bind(args, kwargs)
@@ -287,26 +286,36 @@ class ScheduleHook(SamplerHook):
 
 class MeanCacheHook(ScheduleHook):
     """Hands every step of an edge `t→s` the same average velocity `û(t→s)`, so the Euler steps
-    compose to one jump; `û` reads the fresh `v_t` and the K-th previous compute step's velocity."""
+    compose to one jump; `û` reads the fresh `v_t` and the K-th previous compute step's velocity (and, for
+    an exponential edge, both steps' latents)."""
 
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
         super().__init__(config, sigmas)
         self.depth = max(config.schedule.orders)
+        self.keeps_latents = "exp" in config.schedule.kinds
 
     def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
-        index, end, order, damping = self.edges[step]
+        index, edge = self.edges[step]
         sample = output_sample(output)
         v_t = sample.float() * self.adapter.output_sign
         history.edge_velocity = v_t
-        if order and damping:
+        if edge.kind != "reuse":
             sigmas = self.sigmas()
-            p = self.config.schedule.compute_steps[index - order]
-            history.edge_velocity = mean_velocity(v_t, float(sigmas[step]), float(sigmas[end]),
-                                                  history.velocities[p], float(sigmas[p]), damping)
+            p = self.config.schedule.compute_steps[index - edge.order]
+            sigma_p, sigma_t, sigma_s = float(sigmas[p]), float(sigmas[step]), float(sigmas[edge.end])
+            if edge.kind == "exp":
+                history.edge_velocity = exponential_velocity(latents.float(), v_t, sigma_t, sigma_s,
+                                                             history.latents[p], history.velocities[p], sigma_p)
+            else:
+                history.edge_velocity = mean_velocity(v_t, sigma_t, sigma_s, history.velocities[p], sigma_p,
+                                                      edge.damping)
         if self.depth:
             history.velocities[step] = v_t
+            if self.keeps_latents:
+                history.latents[step] = latents.float()
             for old in sorted(history.velocities)[:-self.depth]:
                 del history.velocities[old]
+                history.latents.pop(old, None)
         if history.edge_velocity is v_t:
             return output
         return replace_output(output, (history.edge_velocity * self.adapter.output_sign).to(sample.dtype))
@@ -325,7 +334,7 @@ class ReleaseEstimatorHook(ScheduleHook):
         self.window = 1
 
     def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
-        self.window = max(self.edges[step][2], 1)
+        self.window = max(self.edges[step][1].order, 1)
         self._log(history, step, latents, output_sample(output).float() * self.adapter.output_sign)
         return output
 

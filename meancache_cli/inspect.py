@@ -21,10 +21,11 @@ def summary(item: Calibration | Schedule) -> dict[str, Any]:
             "kind": "schedule", "model": item.model, "num_inference_steps": item.num_inference_steps,
             "budget": item.budget, "ideal_speedup": item.num_inference_steps / item.budget,
             "estimator": item.estimator, "gamma": item.gamma, "cost": item.cost, "compute_steps": item.compute_steps,
-            "orders": item.orders, "lambdas": item.lambdas, "edge_lengths": [e - s for s, e in zip(item.compute_steps,
-                                                   [*item.compute_steps[1:], item.num_inference_steps])],
+            "orders": item.orders, "lambdas": item.lambdas, "kinds": item.kinds,
+            "edge_lengths": [edge.end - edge.start for edge in item.edges],
             "predicted_cost": item.predicted_cost, "resolution": [item.height, item.width],
             "calibration": item.calibration, **({"notes": item.notes} if item.notes else {}),
+            **({"validated_choice": item.validation["chosen"]} if item.validation else {}),
         }
     return {
         "kind": "calibration", "model": item.model, "pipeline_class": item.pipeline_class,
@@ -36,6 +37,9 @@ def summary(item: Calibration | Schedule) -> dict[str, Any]:
         "mean_error_reuse": float(np.nanmean(item.errors.reuse)),
         "mean_error_jvp_previous_step": {f"{lam:g}": float(np.nanmean(item.errors.jvp[i, 0]))
                                          for i, lam in enumerate(item.errors.lambdas)},
+        "mean_error_exp_previous_step": float(np.nanmean(item.errors.exp[0, 0])),
+        "held_out": [f"{run.prompt} (seed {run.seed})" for run in item.held_out],
+        "plan_stability": item.stability,
     }
 
 
@@ -80,8 +84,9 @@ def plot(calibration: Calibration, out: str | Path, schedule: Schedule | None = 
         if schedule is not None:
             ends = [*schedule.compute_steps[1:], n]
             axis.plot(schedule.compute_steps, ends, "o-", color="red", label=f"schedule B={schedule.budget}")
-            for start, end, k, damping in schedule.edges:
-                axis.annotate(f"K{k}" + (f" λ{damping:g}" if k else ""), (start, end), textcoords="offset points",
+            for edge in schedule.edges:
+                label = {"reuse": "K0", "jvp": f"K{edge.order} λ{edge.damping:g}", "exp": f"K{edge.order} exp"}
+                axis.annotate(label[edge.kind], (edge.start, edge.end), textcoords="offset points",
                               xytext=(4, -10), color="red", fontsize=6)
             axis.legend(loc="upper left")
     right = axes[2]

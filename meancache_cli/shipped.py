@@ -12,10 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .calibrate import calibrate, reference_run_kwargs
+from .calibration import reference_run_kwargs, run_calibration
 from .files import SHIPPED_SCHEDULES, Schedule
 from .models.registry import load_pipeline, resolve_model
-from .plan import plan_schedule
+from .planning import plan_schedule
 
 BUDGETS = (8, 10, 13, 17, 25)
 SEEDS = (1000, 1001, 1002, 1003)
@@ -32,7 +32,7 @@ def demo_schedules(budgets: tuple[int, ...] = BUDGETS) -> dict[str, Schedule]:
     schedules = {}
     for prefix, guidance in CONFIGURATIONS.items():
         kwargs = reference_run_kwargs(spec, spec.steps, None, None, None, guidance)
-        calibration = calibrate(pipe, spec, spec.calibration_prompts, list(SEEDS), kwargs)
+        calibration = run_calibration(pipe, spec.name, spec.calibration_prompts, list(SEEDS), kwargs, holdout=0)
         for budget in budgets:
             schedule = plan_schedule(calibration, budget)
             notes = (f"made by 'make schedules' (meancache_cli/shipped.py): demo calibration prompts, seeds "

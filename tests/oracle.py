@@ -6,6 +6,9 @@ schedule's compute steps, builds each branch's estimate
 
     û(t→s) = v_t + λ·(σ_s − σ_t)·(v_t − v_p) / (2·(σ_t − σ_p)),   p = the K-th previous compute step,
 
+or, on an exponential edge (DESIGN.md §4, DPM-Solver++(2M) read as a mean velocity), with x̂₀ = x − σ·v and
+λ(σ) = log((1 − σ)/σ): D = (1 + 1/(2r))·x̂₀_t − (1/(2r))·x̂₀_p, x_s = (σ_s/σ_t)·x_t − (1 − σ_s)(e^(−h) − 1)·D,
+û = (x_s − x_t)/(σ_s − σ_t) (first order, D = x̂₀_t, where σ_p = 1 or σ_s = 0); then it
 combines the branches as the pipeline does, and takes the Euler steps itself. The hooked pipeline's
 latents must equal the replay's at every step.
 """
@@ -13,6 +16,7 @@ latents must equal the replay's at every step.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -69,20 +73,39 @@ class CallLog:
         return _tensor(self.calls[call][self.latents_arg]).float()
 
 
+def dpm_solver_2m(x_t: torch.Tensor, x0_t: torch.Tensor, x0_p: torch.Tensor, sigma_p: float, sigma_t: float,
+                  sigma_s: float) -> torch.Tensor:
+    """x_s of one DPM-Solver++(2M) step in data prediction, in the flow parametrization x = (1 − σ)·x₀ + σ·ε."""
+    if sigma_s == 0.0:
+        return x0_t
+    lam = lambda sigma: math.log((1 - sigma) / sigma)  # noqa: E731
+    h = lam(sigma_s) - lam(sigma_t)
+    d = x0_t if sigma_p >= 1.0 else None
+    if d is None:
+        r = (lam(sigma_t) - lam(sigma_p)) / h
+        d = (1 + 1 / (2 * r)) * x0_t - (1 / (2 * r)) * x0_p
+    return (sigma_s / sigma_t) * x_t - (1 - sigma_s) * (math.exp(-h) - 1) * d
+
+
 def replay(transformer: torch.nn.Module, log: CallLog, steps: list[int], orders: list[int], lambdas: list[float],
-           sigmas: list[float], branches: int = 1, combine: Combine = single) -> list[torch.Tensor]:
-    """Latents x_0 … x_N of the cached sampler, computed step by step without the hook."""
+           sigmas: list[float], branches: int = 1, combine: Combine = single,
+           kinds: list[str] | None = None) -> list[torch.Tensor]:
+    """Latents x_0 … x_N of the cached sampler, computed step by step without the hook. `kinds` marks the
+    exponential edges ("exp"); every other edge is the damped JVP (reuse where K = 0 or λ = 0)."""
     sign = OUTPUT_SIGN.get(type(transformer).__name__, 1.0)
     n = len(sigmas) - 1
     ends = steps[1:] + [n]
-    edge = {t: (i, s, k, lam) for i, (t, s, k, lam) in enumerate(zip(steps, ends, orders, lambdas))}
+    kinds = kinds or ["jvp"] * len(steps)
+    edge = {t: (i, s, k, lam, kind) for i, (t, s, k, lam, kind) in enumerate(zip(steps, ends, orders, lambdas, kinds))}
     computed: list[dict[int, torch.Tensor]] = [{} for _ in range(branches)]
+    seen: dict[int, torch.Tensor] = {}
     estimate: list[torch.Tensor] = [torch.empty(0)] * branches
     x = log.latents(0)
     xs = [x]
     for m in range(n):
         if m in edge:
-            i, s, k, lam = edge[m]
+            i, s, k, lam, kind = edge[m]
+            seen[m] = x
             for b in range(branches):
                 arguments = dict(log.calls[m * branches + b])
                 value = arguments[log.latents_arg]
@@ -91,7 +114,12 @@ def replay(transformer: torch.nn.Module, log: CallLog, steps: list[int], orders:
                     output = transformer(**arguments)
                 v_t = sign * _tensor(output[0] if isinstance(output, tuple) else output.sample).float()
                 u = v_t
-                if k > 0 and lam > 0:
+                if k > 0 and kind == "exp":
+                    p = steps[i - k]
+                    x_s = dpm_solver_2m(x, x - sigmas[m] * v_t, seen[p] - sigmas[p] * computed[b][p], sigmas[p],
+                                        sigmas[m], sigmas[s])
+                    u = (x_s - x) / (sigmas[s] - sigmas[m])
+                elif k > 0 and lam > 0:
                     p = steps[i - k]
                     v_p = computed[b][p]
                     u = v_t + lam * (sigmas[s] - sigmas[m]) * (v_t - v_p) / (2 * (sigmas[m] - sigmas[p]))

@@ -383,7 +383,7 @@ def test_full_evaluation_counter_counts_real_evaluations_only() -> None:
     from tiny import TINY_CALL, tiny_flux_pipeline
 
     from meancache_cli.bench.peers import FullEvaluationCounter, fbcache_method, meancache_method
-    from meancache_cli.plan import uniform_schedule
+    from meancache_cli.planning import uniform_schedule
 
     pipe = tiny_flux_pipeline()
     counter = FullEvaluationCounter(pipe.transformer)

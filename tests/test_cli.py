@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from cli_helpers import run_cli, run_process
 from PIL import Image
 
 from meancache_cli import load_calibration, load_schedule
+from meancache_cli.models.registry import load_pipeline, resolve_model
 from meancache_cli.outputs import read_provenance
 
 SIZE = ["--height", "32", "--width", "32"]
@@ -15,7 +17,16 @@ SIZE = ["--height", "32", "--width", "32"]
 
 def test_calibration_file_holds_the_run(calibration, model_dir) -> None:
     loaded = load_calibration(calibration)
-    assert loaded.trajectories == 4
+    assert loaded.trajectories == 3  # 4 runs, the first (seed 0, first prompt) held out of the maps
+    [held] = loaded.held_out
+    assert (held.prompt, held.seed) == ("a red circle", 0)
+    pipe = load_pipeline(resolve_model(model_dir))
+    uncached = pipe(held.prompt, generator=torch.Generator("cpu").manual_seed(held.seed), output_type="latent",
+                    **loaded.call_kwargs).images
+    np.testing.assert_allclose(held.final, uncached.numpy(), rtol=0, atol=1e-5)
+    assert held.noise.shape == held.final.shape and not np.allclose(held.noise, held.final)
+    assert loaded.call_kwargs.items() >= {"num_inference_steps": 10, "height": 32, "width": 32}.items()
+    assert loaded.stability["map_runs"] == 3 and loaded.stability["budget"] == 2
     assert loaded.errors.reuse.shape == (11, 11) and loaded.errors.jvp.shape == (2, 3, 11, 11)
     assert loaded.prompts == ["a red circle", "a blue star"] and loaded.seeds == [0, 1]
     assert loaded.model == model_dir and loaded.pipeline_class == "FluxPipeline"
@@ -27,7 +38,7 @@ def test_calibration_file_holds_the_run(calibration, model_dir) -> None:
 def test_plan_to_stdout_feeds_generate_through_a_pipe(calibration, model_dir, tmp_path) -> None:
     planned = run_process(["plan", "--calibration", calibration, "--budget", "4"])
     assert planned.returncode == 0, planned.stderr.decode()
-    assert b"compute steps:" in planned.stderr and planned.stdout.startswith(b"format_version: 2")
+    assert b"compute steps:" in planned.stderr and planned.stdout.startswith(b"format_version: 3")
     out = tmp_path / "cached.png"
     generated = run_process(["generate", "--model", model_dir, "--schedule", "-", "--prompt", "a red circle",
                              *SIZE, "--out", str(out), "--json"], stdin=planned.stdout)
@@ -178,3 +189,40 @@ def test_compare_puts_budget_step_euler_beside_the_cache(calibration, model_dir,
     summary = json.loads(result.stdout)
     assert (summary["nfe"], summary["reference_nfe"], summary["euler_nfe"], summary["euler_steps"]) == (4, 10, 4, 4)
     assert 0 < summary["euler_psnr"] <= 100 and 0 < summary["psnr"] <= 100 and summary["speedup"] > 0
+
+
+def test_plan_with_the_model_validates_the_candidates_and_says_what_it_cost(calibration, model_dir, capsys,
+                                                                             tmp_path) -> None:
+    out = tmp_path / "v.yaml"
+    result = run_cli(["plan", "--calibration", calibration, "--budget", "4", "--model", model_dir, "--out", str(out)],
+                     capsys)
+    assert result.code == 0, result.stderr
+    schedule = load_schedule(out)
+    validation = schedule.validation
+    assert validation["runs"] == 1 and len(validation["candidates"]) == 5
+    assert f"* {validation['chosen']}" in result.stdout and "validated on 1 held-out runs" in result.stdout
+    assert f"= {100 * validation['cost_share']:.0f} % of the calibration's 40" in result.stdout
+    as_json = run_cli(["plan", "--calibration", calibration, "--budget", "4", "--model", model_dir, "--cost",
+                       "displacement", "--exp", "--out", str(tmp_path / "d.yaml"), "--json"], capsys)
+    assert as_json.code == 0, as_json.stderr
+    [only] = json.loads(as_json.stdout)["validation"]["candidates"]
+    assert only["recipe"] == "displacement γ4 λ{0.5,1} +exp" and only["exponential"] is True
+
+
+def test_plan_refuses_a_model_other_than_the_calibrated_one(calibration, capsys) -> None:
+    result = run_cli(["plan", "--calibration", calibration, "--budget", "4", "--model", "demo"], capsys)
+    assert result.code == 2 and "the calibration is of model" in result.stderr and "not 'demo'" in result.stderr
+
+
+def test_calibrate_runs_auto_prints_the_stability_figure(model_dir, capsys, tmp_path) -> None:
+    out = tmp_path / "auto.safetensors"
+    result = run_cli(["calibrate", "--model", model_dir, "--prompt", "a red circle", "--seeds", "0", "--runs", "auto",
+                      "--max-runs", "2", "--steps", "10", *SIZE, "--max-back", "3", "--out", str(out), "--json"],
+                     capsys)
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["held_out"] == 1 and summary["seeds"] == [0, 1, 2] and summary["runs"] == 3
+    assert summary["stability"]["map_runs"] == 2 and "after 2 map runs: plan regret" in result.stderr
+    text = run_cli(["calibrate", "--model", model_dir, "--prompt", "a red circle", "--seeds", "0,1,2", "--steps", "10",
+                    *SIZE, "--max-back", "3", "--out", str(tmp_path / "fixed.safetensors")], capsys)
+    assert "plan stability: plans from two halves of the 2 map runs (B = 2) share" in text.stdout

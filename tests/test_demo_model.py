@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from cli_helpers import run_cli  # noqa: E402
 
-from meancache_cli.calibrate import reference_run_kwargs  # noqa: E402
+from meancache_cli.calibration import reference_run_kwargs  # noqa: E402
 from meancache_cli.models import demo  # noqa: E402
 from meancache_cli.models.registry import resolve_model  # noqa: E402
 

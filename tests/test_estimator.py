@@ -1,8 +1,17 @@
+import math
+
 import numpy as np
 import pytest
 import torch
+from oracle import dpm_solver_2m
 
-from meancache_cli.core.estimator import average_velocity, jvp_estimate, mean_velocity, release_velocity
+from meancache_cli.core.estimator import (
+    average_velocity,
+    exponential_velocity,
+    jvp_estimate,
+    mean_velocity,
+    release_velocity,
+)
 from meancache_cli.core.stability import (
     EdgeMaps,
     StabilityMaps,
@@ -154,6 +163,54 @@ def test_sums_round_trip_and_a_subset_of_elements_is_fixed() -> None:
     assert again.count == 2 and again.latent_elements == 10
     assert torch.equal(element_subset(10, 3), element_subset(10, 3)) and element_subset(10, 10) is None
     assert maps.max_back == 4 and StabilityMaps(sigmas, 9).max_back == 4  # look-back capped at N
+
+
+@pytest.mark.parametrize(("sigma_p", "sigma_t", "sigma_s"), [(0.9, 0.6, 0.3), (0.55, 0.5, 0.05), (0.3, 0.2, 0.19)])
+def test_exponential_edge_is_the_mean_velocity_of_a_dpm_solver_2m_step(sigma_p, sigma_t, sigma_s) -> None:
+    """û(t→s) carries x_t to DPM-Solver++(2M)'s x_s, written out from DESIGN.md §4 in tests/oracle.py."""
+    x_t, v_t, x_p, v_p = torch.randn(4, 7, dtype=torch.float64)
+    u = exponential_velocity(x_t, v_t, sigma_t, sigma_s, x_p, v_p, sigma_p)
+    x_s = dpm_solver_2m(x_t, x_t - sigma_t * v_t, x_p - sigma_p * v_p, sigma_p, sigma_t, sigma_s)
+    torch.testing.assert_close(x_t + (sigma_s - sigma_t) * u, x_s, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(u, v_t)
+
+
+def test_exponential_edge_falls_back_to_euler_where_dpm_solver_is_first_order() -> None:
+    """From σ_p = 1 (r = ∞) and to σ_s = 0 (h = ∞) DPM-Solver++ takes a first-order step: the Euler step with
+    v_t, returned as v_t itself; a first-order DPM-Solver++ step is exactly Euler."""
+    x_t, v_t, x_p, v_p = torch.randn(4, 5, dtype=torch.float64)
+    assert exponential_velocity(x_t, v_t, 0.7, 0.4, x_p, v_p, 1.0) is v_t
+    assert exponential_velocity(x_t, v_t, 0.2, 0.0, x_p, v_p, 0.5) is v_t
+    euler = dpm_solver_2m(x_t, x_t - 0.7 * v_t, x_p, 1.0, 0.7, 0.4)
+    torch.testing.assert_close(euler, x_t + (0.4 - 0.7) * v_t, rtol=1e-12, atol=1e-12)
+
+
+def naive_exponential_map(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor, max_back: int) -> np.ndarray:
+    """E_exp(p, t, s) = mean |u(t→s) − (x_s^DPM − x_t)/(σ_s − σ_t)|, one entry at a time, from the oracle."""
+    n = len(vs)
+    exp = np.full((1, max_back, n + 1, n + 1), np.nan)
+    sig = [float(s) for s in sigmas]
+    for t in range(1, n):
+        for p in range(max(0, t - max_back), t):
+            for s in range(t + 1, n + 1):
+                u = (xs[s] - xs[t]) / (sig[s] - sig[t])
+                x_s = dpm_solver_2m(xs[t], xs[t] - sig[t] * vs[t], xs[p] - sig[p] * vs[p], sig[p], sig[t], sig[s])
+                exp[0, t - p - 1, t, s] = float((u - (x_s - xs[t]) / (sig[s] - sig[t])).abs().mean())
+    return exp
+
+
+def test_exponential_error_map_matches_its_definition_and_the_planner_can_read_it() -> None:
+    torch.manual_seed(1)
+    sigmas = torch.linspace(1, 0, 9, dtype=torch.float64) ** 1.4
+    vs = torch.randn(8, 5, dtype=torch.float64).cumsum(0)
+    xs = euler_trajectory(torch.randn(5, dtype=torch.float64), vs, sigmas)
+    maps = trajectory_errors(xs, vs, sigmas, max_back=3, lambdas=(1.0,))
+    expected = naive_exponential_map(xs, vs, sigmas, 3)
+    np.testing.assert_allclose(maps.exp, expected, rtol=1e-9, atol=1e-12, equal_nan=True)
+    assert maps.value(3, 5, 8, 1.0, "exp") == pytest.approx(expected[0, 1, 5, 8])
+    assert math.isnan(maps.value(1, 5, 8, 1.0, "exp"))  # 4 steps back: beyond the look-back
+    without = maps.select((1.0,), exponential=False)
+    assert np.isnan(without.exp).all() and np.array_equal(without.jvp, maps.jvp, equal_nan=True)
 
 
 def test_edge_costs_displacement_scales_by_interval_and_zeroes_euler_steps() -> None:

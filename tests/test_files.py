@@ -6,6 +6,7 @@ from meancache_cli.core.stability import EdgeMaps, defined_mask
 from meancache_cli.errors import FileFormatError
 from meancache_cli.files import (
     Calibration,
+    HeldOutRun,
     Schedule,
     load_calibration,
     load_schedule,
@@ -21,9 +22,13 @@ def make_calibration(n: int = 6, max_back: int = 2) -> Calibration:
     reuse_defined, jvp_defined = defined_mask(n, max_back, 2)
     reuse = np.where(reuse_defined, rng.random((n + 1, n + 1)), np.nan)
     jvp = np.where(jvp_defined, rng.random((2, max_back, n + 1, n + 1)), np.nan)
+    exp = np.where(jvp_defined[:1], rng.random((1, max_back, n + 1, n + 1)), np.nan)
+    held = [HeldOutRun("a green star on a white background", 7, rng.random((1, 4, 8)).astype(np.float32),
+                       rng.random((1, 4, 8)).astype(np.float32))]
     return Calibration(
         model="demo", pipeline_class="FluxPipeline", sigmas=np.linspace(1, 0, n + 1),
-        errors=EdgeMaps(reuse, jvp, (0.5, 1.0)),
+        errors=EdgeMaps(reuse, jvp, (0.5, 1.0), exp), call_kwargs={"num_inference_steps": n, "height": 32},
+        held_out=held, stability={"budget": 2, "map_runs": 2, "shared_steps": 1, "regret": 0.25},
         step_statistics={name: rng.random(n) for name in ("velocity_norm", "velocity_change",
                                                            "mean_velocity_change")},
         prompts=["a red circle on a blue background"], seeds=[0, 1], height=32, width=32,
@@ -42,7 +47,7 @@ def test_schedule_round_trips(tmp_path) -> None:
     save_schedule(SCHEDULE, path)
     assert load_schedule(path) == SCHEDULE
     text = path.read_text()
-    assert "compute_steps: [0, 1, 2, 6]" in text and text.startswith("format_version: 2\nkind: meancache-schedule")
+    assert "compute_steps: [0, 1, 2, 6]" in text and text.startswith("format_version: 3\nkind: meancache-schedule")
     assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
 
 
@@ -53,8 +58,13 @@ def test_calibration_round_trips(tmp_path) -> None:
     loaded = load_calibration(path)
     np.testing.assert_array_equal(loaded.errors.reuse, original.errors.reuse)
     np.testing.assert_array_equal(loaded.errors.jvp, original.errors.jvp)
+    np.testing.assert_array_equal(loaded.errors.exp, original.errors.exp)
     assert loaded.errors.lambdas == (0.5, 1.0)
     np.testing.assert_array_equal(loaded.sigmas, original.sigmas)
+    [held] = loaded.held_out
+    assert (held.prompt, held.seed) == ("a green star on a white background", 7)
+    np.testing.assert_array_equal(held.noise, original.held_out[0].noise)
+    np.testing.assert_array_equal(held.final, original.held_out[0].final)
     for name, values in original.step_statistics.items():
         np.testing.assert_array_equal(loaded.step_statistics[name], values)
     assert loaded.metadata() == original.metadata()
@@ -64,7 +74,7 @@ def test_calibration_round_trips(tmp_path) -> None:
 def test_a_schedule_without_dampings_takes_the_full_correction_where_k_is_set() -> None:
     schedule = Schedule(model="demo", num_inference_steps=8, compute_steps=[0, 2, 5], orders=[0, 1, 2])
     assert schedule.lambdas == [0.0, 1.0, 1.0]
-    assert schedule.edges == [(0, 2, 0, 0.0), (2, 5, 1, 1.0), (5, 8, 2, 1.0)]
+    assert schedule.edges == [(0, 2, 0, 0.0, "reuse"), (2, 5, 1, 1.0, "jvp"), (5, 8, 2, 1.0, "jvp")]
 
 
 def edited(**changes) -> str:
@@ -90,14 +100,14 @@ def edited(**changes) -> str:
     (edited(lambdas=[0.5, 1.0, 0.5, 1.0]), "'lambdas' gives λ=0.5 at step 0: use a damping in 0…1, and 0 where K"),
     (edited(lambdas=[0, "x", 0, 0]), "'lambdas' must be a list of numbers"),
     (edited(estimator="fast"), "'estimator' must be one of meancache, release"),
-    (edited(estimator="release"), "a release schedule needs windows ≥ 0 in 'orders' and 0 in 'lambdas'"),
+    (edited(estimator="release"), "a release schedule needs windows ≥ 0 in 'orders', 0 in 'lambdas' and reuse"),
     (edited(budget=5), "'budget' is 5 but 'compute_steps' lists 4 steps"),
     (edited(gamma="high"), "'gamma' must be a number"),
     (edited(gamma=-1), "'gamma' must be a finite number ≥ 0"),
     (edited(cost="peak"), "'cost' must be one of displacement, velocity"),
     (edited(num_inference_steps=...), "the field 'num_inference_steps' is missing"),
     (edited(compute_steps=[0, 1.5, 2, 6]), "'compute_steps' must be a list of integers"),
-    (edited(format_version=3), "format_version 3 is not supported"),
+    (edited(format_version=4), "format_version 4 is not supported"),
     (edited(format_version=1), "format version 1 file, which this meancache no longer reads: plan it again"),
     (edited(kind="meancache-calibration"), "is a calibration, but a schedule is needed here"),
     ("compute_steps: [0, 1\n", "is not valid YAML at line"),
@@ -178,16 +188,31 @@ def test_calibration_arrays_of_another_type_are_refused(tmp_path) -> None:
         load_calibration(path)
 
 
-def test_a_version_1_calibration_says_to_calibrate_again(tmp_path) -> None:
+@pytest.mark.parametrize(("version", "message"), [
+    (1, "format version 1 file.*run 'meancache calibrate' again"),
+    (2, "format version 2 calibration, which this meancache no longer reads: run 'meancache calibrate' again "
+        r"\(it lacks the exponential edge's map and the held-out runs"),
+])
+def test_an_old_calibration_says_to_calibrate_again(tmp_path, version: int, message: str) -> None:
     import json
 
     from safetensors.numpy import save
 
-    meta = {**make_calibration().metadata(), "format_version": 1}
+    meta = {**make_calibration().metadata(), "format_version": version}
     path = tmp_path / "c.safetensors"
     path.write_bytes(save({"errors": np.zeros((1, 2, 2))}, metadata={"meancache": json.dumps(meta)}))
-    with pytest.raises(FileFormatError, match="format version 1 file.*run 'meancache calibrate' again"):
+    with pytest.raises(FileFormatError, match=message):
         load_calibration(path)
+
+
+def test_a_version_2_schedule_still_loads_with_its_edges_read_as_reuse_and_jvp(tmp_path) -> None:
+    text = SCHEDULE.to_yaml().replace("format_version: 3", "format_version: 2")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(("kinds:", "validation:")))
+    path = tmp_path / "v2.yaml"
+    path.write_text(text)
+    loaded = load_schedule(path)
+    assert loaded.kinds == ["reuse", "jvp", "jvp", "jvp"] and loaded.validation is None
+    assert loaded == SCHEDULE
 
 
 def test_shipped_schedules_load_by_name_and_by_budget() -> None:

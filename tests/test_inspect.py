@@ -26,7 +26,8 @@ def test_inspect_summarizes_and_plots_a_schedule_on_its_calibration(calibration,
 
     calibrated = run_cli(["inspect", calibration], capsys)
     assert calibrated.code == 0
-    assert "kind: calibration" in calibrated.stdout and "trajectories: 4" in calibrated.stdout
+    assert "kind: calibration" in calibrated.stdout and "trajectories: 3" in calibrated.stdout
+    assert "held_out: ['a red circle (seed 0)']" in calibrated.stdout
     assert "max_back: 3" in calibrated.stdout
 
 

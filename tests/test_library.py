@@ -5,7 +5,7 @@ import json
 import pytest
 
 from meancache_cli.batch import generate_batch, pending_jobs, plan_jobs
-from meancache_cli.calibrate import MapSettings
+from meancache_cli.calibration import MapSettings
 from meancache_cli.distributed import World, enable_context_parallel
 from meancache_cli.errors import UsageError
 from meancache_cli.models.loading import load_model
@@ -42,14 +42,14 @@ def test_context_parallel_needs_as_many_processes_as_its_degree(model_dir) -> No
 
 
 def test_a_damaged_saved_run_is_named_with_the_way_out(model_dir, tmp_path) -> None:
-    from meancache_cli.calibrate import calibrate
+    from meancache_cli.calibration import run_calibration
     from meancache_cli.errors import FileFormatError
 
     spec, pipe, _ = load_model(model_dir)
     shards = tmp_path / ".cal.safetensors.shards"
-    calibrate(pipe, spec, ["a red circle"], [0, 1], CALL, MapSettings(max_back=1), shards=shards)
+    run_calibration(pipe, spec.name, ["a red circle"], [0, 1], CALL, MapSettings(max_back=1), shards=shards)
     damaged = sorted(shards.iterdir())[0]
     damaged.write_bytes(damaged.read_bytes()[:40])
     with pytest.raises(FileFormatError, match=f"the saved run {damaged} is unreadable .truncated or corrupted.: "
                                               "delete it and run again with --resume, or calibrate without --resume"):
-        calibrate(pipe, spec, ["a red circle"], [0, 1], CALL, MapSettings(max_back=1), shards=shards)
+        run_calibration(pipe, spec.name, ["a red circle"], [0, 1], CALL, MapSettings(max_back=1), shards=shards)

@@ -23,7 +23,7 @@ from tiny import ForwardCounter
 from tiny_models import TINY_MODELS, TinyModel
 
 from meancache_cli import Schedule, apply_meancache, load_calibration, remove_meancache
-from meancache_cli.calibrate import reference_run_kwargs
+from meancache_cli.calibration import reference_run_kwargs
 from meancache_cli.generate import generate
 from meancache_cli.models.adapters import adapter_for
 from meancache_cli.models.demo import DEMO_DIR

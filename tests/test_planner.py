@@ -5,23 +5,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meancache_cli.core.planner import generalized_cost, plan_path
+from meancache_cli.core.planner import generalized_cost, path_cost, plan_path, plan_stability
 from meancache_cli.core.stability import EdgeMaps, defined_mask
 
 
 def random_costs(rng: np.random.Generator, n: int, max_back: int, lambdas: tuple[float, ...] = (0.5, 1.0),
-                 values: tuple[float, ...] | None = None) -> EdgeMaps:
-    """Random edge costs on the defined entries (NaN elsewhere), exact Euler edges at 0."""
+                 values: tuple[float, ...] | None = None, exponential: bool = True) -> EdgeMaps:
+    """Random edge costs on the defined entries (NaN elsewhere), exact Euler edges at 0; the exponential edge's
+    map too unless `exponential` is False."""
     shape_jvp = (len(lambdas), max_back, n + 1, n + 1)
+    shape_exp = (1, max_back, n + 1, n + 1)
     if values is None:
         scale = rng.choice([0.1, 1.0, 10.0])
-        reuse, jvp = rng.random((n + 1, n + 1)) * scale, rng.random(shape_jvp) * scale
+        reuse, jvp, exp = (rng.random(shape) * scale for shape in ((n + 1, n + 1), shape_jvp, shape_exp))
     else:
-        reuse, jvp = rng.choice(values, (n + 1, n + 1)), rng.choice(values, shape_jvp)
+        reuse, jvp, exp = (rng.choice(values, shape) for shape in ((n + 1, n + 1), shape_jvp, shape_exp))
     reuse_defined, jvp_defined = defined_mask(n, max_back, len(lambdas))
     reuse, jvp = np.where(reuse_defined, reuse, np.nan), np.where(jvp_defined, jvp, np.nan)
+    exp = np.where(jvp_defined[:1], exp, np.nan) if exponential else None
     reuse[np.arange(n), np.arange(1, n + 1)] = 0.0
-    return EdgeMaps(reuse, jvp, lambdas)
+    return EdgeMaps(reuse, jvp, lambdas, exp)
 
 
 def paths(n: int, budget: int, max_skip: int | None = None):
@@ -31,16 +34,18 @@ def paths(n: int, budget: int, max_skip: int | None = None):
             yield nodes
 
 
-def edge_options(costs: EdgeMaps, nodes: tuple[int, ...], kmax: int) -> list[tuple[float, int, float]]:
-    """Per edge its cheapest (cost, K, λ): reuse first, then the dampings in order, earliest wins a tie."""
+def edge_options(costs: EdgeMaps, nodes: tuple[int, ...], kmax: int) -> list[tuple[float, int, float, str]]:
+    """Per edge its cheapest (cost, K, λ, kind): reuse first, then the dampings in order, then the exponential
+    edge; the earliest wins a tie."""
     chosen = []
     for i, (t, s) in enumerate(zip(nodes, nodes[1:])):
-        options = [(costs.reuse[t, s], 0, 0.0)]
+        options = [(costs.reuse[t, s], 0, 0.0, "reuse")]
         if i > 0 and kmax >= 1 and t - nodes[i - 1] <= costs.max_back:
             back = t - nodes[i - 1] - 1
-            options += [(costs.jvp[j, back, t, s], 1, lam) for j, lam in enumerate(costs.lambdas)]
+            options += [(costs.jvp[j, back, t, s], 1, lam, "jvp") for j, lam in enumerate(costs.lambdas)]
+            options.append((costs.exp[0, back, t, s], 1, 1.0, "exp"))
         finite = [option for option in options if not np.isnan(option[0])]
-        chosen.append(min(finite, key=lambda option: option[0]) if finite else (np.inf, 0, 0.0))
+        chosen.append(min(finite, key=lambda option: option[0]) if finite else (np.inf, 0, 0.0, "reuse"))
     return chosen
 
 
@@ -52,7 +57,7 @@ def brute_force(costs: EdgeMaps, budget: int, gamma: float, max_skip: int | None
     best = None
     for nodes in sorted(paths(n, budget, max_skip), key=lambda nodes: nodes[::-1]):
         options = edge_options(costs, nodes, kmax)
-        value = sum(c ** (1 + gamma) for c, _, _ in options)
+        value = sum(option[0] ** (1 + gamma) for option in options)
         if best is None or value < best[0]:
             best = (value, nodes, options)
     return best
@@ -72,14 +77,14 @@ def test_matches_brute_force_on_small_random_graphs() -> None:
         assert path.objective ** (1 + gamma) == pytest.approx(value, rel=1e-9, abs=1e-12)
         assert path.objective == pytest.approx(generalized_cost(path.edge_costs, gamma))
         ends = [*path.compute_steps[1:], n]
-        for i, (t, s, k, lam, c) in enumerate(zip(path.compute_steps, ends, path.orders, path.lambdas,
-                                                   path.edge_costs)):
+        for i, (t, s, k, lam, kind, c) in enumerate(zip(path.compute_steps, ends, path.orders, path.lambdas,
+                                                         path.kinds, path.edge_costs)):
             p = path.compute_steps[i - 1] if k else None
-            assert c == pytest.approx(costs.value(p, t, s, lam))
-            assert (k == 0) == (lam == 0) and k <= kmax
+            assert c == pytest.approx(costs.value(p, t, s, lam, kind))
+            assert (k == 0) == (lam == 0) == (kind == "reuse") and k <= kmax
 
 
-def test_ties_go_to_the_earlier_steps_then_to_reuse_then_to_the_smaller_damping() -> None:
+def test_ties_go_to_the_earlier_steps_then_to_reuse_then_to_the_smaller_damping_then_to_the_jvp() -> None:
     """Costs in {1, 2, 4} tie often; the planner's documented tie-break is what the brute force picks."""
     rng = np.random.default_rng(5)
     for _ in range(150):
@@ -90,7 +95,8 @@ def test_ties_go_to_the_earlier_steps_then_to_reuse_then_to_the_smaller_damping(
         path = plan_path(costs, budget, gamma)
         _, nodes, options = brute_force(costs, budget, gamma)
         assert path.compute_steps == list(nodes[:-1])
-        assert path.orders == [k for _, k, _ in options] and path.lambdas == [lam for _, _, lam in options]
+        assert path.orders == [option[1] for option in options]
+        assert path.lambdas == [option[2] for option in options] and path.kinds == [option[3] for option in options]
 
 
 def test_the_jvp_edge_reads_its_previous_compute_step() -> None:
@@ -120,7 +126,7 @@ def test_larger_gamma_drives_the_peak_towards_the_min_max_path() -> None:
         n, max_back = int(rng.integers(3, 8)), int(rng.integers(1, 3))
         budget = int(rng.integers(1, n + 1))
         costs = random_costs(rng, n, max_back)
-        best_peak = min(max(c for c, _, _ in edge_options(costs, nodes, 1)) for nodes in paths(n, budget))
+        best_peak = min(max(option[0] for option in edge_options(costs, nodes, 1)) for nodes in paths(n, budget))
         for gamma in (0.0, 0.5, 2.0, 16.0):
             peak = max(plan_path(costs, budget, gamma).edge_costs)
             assert peak <= budget ** (1 / (1 + gamma)) * best_peak + 1e-12
@@ -136,9 +142,10 @@ def test_the_schedule_does_not_depend_on_the_unit_of_the_costs() -> None:
         costs = random_costs(rng, n, max_back)
         path = plan_path(costs, budget, 20.0)
         for unit in (1e-30, 1e30):
-            scaled = plan_path(EdgeMaps(costs.reuse * unit, costs.jvp * unit, costs.lambdas), budget, 20.0)
-            assert (scaled.compute_steps, scaled.orders, scaled.lambdas) == (path.compute_steps, path.orders,
-                                                                              path.lambdas)
+            scaled = plan_path(EdgeMaps(costs.reuse * unit, costs.jvp * unit, costs.lambdas, costs.exp * unit), budget,
+                               20.0)
+            assert (scaled.compute_steps, scaled.orders, scaled.lambdas, scaled.kinds) == (
+                path.compute_steps, path.orders, path.lambdas, path.kinds)
             assert scaled.objective == pytest.approx(path.objective * unit)
 
 
@@ -149,7 +156,7 @@ def test_a_missing_jvp_option_leaves_the_reuse_option_of_its_edge() -> None:
         n, max_back = int(rng.integers(3, 8)), int(rng.integers(1, 3))
         budget = int(rng.integers(1, n + 1))
         costs = random_costs(rng, n, max_back)
-        no_jvp = EdgeMaps(costs.reuse, np.full_like(costs.jvp, np.nan), costs.lambdas)
+        no_jvp = EdgeMaps(costs.reuse, np.full_like(costs.jvp, np.nan), costs.lambdas)  # and no exponential edge
         path, reuse_only = plan_path(no_jvp, budget, 0.5), plan_path(costs, budget, 0.5, kmax=0)
         assert (path.compute_steps, path.orders, path.lambdas) == (reuse_only.compute_steps, reuse_only.orders,
                                                                    reuse_only.lambdas)
@@ -164,13 +171,13 @@ def test_budget_equal_to_steps_takes_every_exact_euler_edge() -> None:
 def test_rejects_impossible_requests() -> None:
     costs = random_costs(np.random.default_rng(3), 10, 2)
     with pytest.raises(ValueError, match="budget 11 is outside 1…10"):
-        plan_path(costs, 11)
+        plan_path(costs, 11, 0.5)
     with pytest.raises(ValueError, match="budget 0 is outside"):
-        plan_path(costs, 0)
+        plan_path(costs, 0, 0.5)
     with pytest.raises(ValueError, match="gamma -1"):
         plan_path(costs, 3, -1.0)
     with pytest.raises(ValueError, match="no schedule reaches step 10 in exactly 3"):
-        plan_path(costs, 3, max_skip=2)
+        plan_path(costs, 3, 0.5, max_skip=2)
 
 
 @settings(max_examples=60, deadline=None)
@@ -198,3 +205,39 @@ def test_dp_optimum_equals_brute_force(n: int, max_back: int, gamma: float, seed
     costs = random_costs(np.random.default_rng(seed), n, max_back)
     value, _, _ = brute_force(costs, budget, gamma)
     assert plan_path(costs, budget, gamma).objective ** (1 + gamma) == pytest.approx(value, rel=1e-9, abs=1e-12)
+
+
+def test_a_path_priced_on_its_own_maps_costs_its_objective() -> None:
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        n, max_back = int(rng.integers(3, 9)), int(rng.integers(1, 4))
+        budget, gamma = int(rng.integers(1, n + 1)), float(rng.choice([0.0, 1.0, 4.0]))
+        costs = random_costs(rng, n, max_back)
+        path = plan_path(costs, budget, gamma)
+        assert path_cost(costs, path, gamma) == pytest.approx(path.objective, rel=1e-12, abs=1e-15)
+
+
+def test_plan_stability_compares_each_half_plan_on_the_other_half() -> None:
+    """Identical halves agree completely; otherwise the regret is the brute-force optimum's excess, computed
+    edge by edge from the maps (not through the planner's own pricing)."""
+    rng = np.random.default_rng(7)
+    costs = random_costs(rng, 7, 2)
+    assert plan_stability(costs, costs, 3, 2.0) == (3, 0.0)
+    for _ in range(20):
+        a, b = random_costs(rng, 7, 2), random_costs(rng, 7, 2)
+        shared, regret = plan_stability(a, b, 3, 2.0)
+        optimum_a, nodes_a, _ = brute_force(a, 3, 2.0)
+        optimum_b, nodes_b, _ = brute_force(b, 3, 2.0)
+
+        def priced(costs: EdgeMaps, planned: EdgeMaps, nodes: tuple[int, ...]) -> float:
+            """The other half's plan: its options chosen on `planned`, priced on `costs`."""
+            total = 0.0
+            for i, (t, s) in enumerate(zip(nodes, nodes[1:])):
+                _, k, lam, kind = edge_options(planned, nodes, 1)[i]
+                total += abs(costs.value(nodes[i - 1] if k else None, t, s, lam, kind)) ** 3
+            return total ** (1 / 3)
+
+        expected = max(priced(b, a, nodes_a) / optimum_b ** (1 / 3) - 1,
+                       priced(a, b, nodes_b) / optimum_a ** (1 / 3) - 1)
+        assert regret == pytest.approx(max(0.0, expected), rel=1e-9, abs=1e-12)
+        assert shared == len(set(nodes_a[:-1]) & set(nodes_b[:-1]))

@@ -77,7 +77,7 @@ def test_plan_out_a_link_to_dev_stdout_writes_stdout_and_keeps_the_link(calibrat
     link.symlink_to("/dev/stdout")  # a twin of /dev/stdout (itself a link to /proc/self/fd/1)
     result = run_process(["plan", "--calibration", calibration, "--budget", "4", "--out", str(link)])
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.startswith(b"format_version: 2\nkind: meancache-schedule")
+    assert result.stdout.startswith(b"format_version: 3\nkind: meancache-schedule")
     assert b"compute steps:" in result.stderr and b"compute steps:" not in result.stdout
     assert link.is_symlink() and os.readlink(link) == "/dev/stdout"
     json_too = run_process(["plan", "--calibration", calibration, "--budget", "4", "--out", str(link), "--json"])
@@ -90,7 +90,7 @@ def test_plan_through_a_link_and_onto_a_device(calibration, tmp_path, capsys) ->
     link.symlink_to("plans/b4.yaml")
     result = run_cli(["plan", "--calibration", calibration, "--budget", "4", "--out", str(link)], capsys)
     assert result.code == 0, result.stderr
-    assert link.is_symlink() and (tmp_path / "plans" / "b4.yaml").read_text().startswith("format_version: 2")
+    assert link.is_symlink() and (tmp_path / "plans" / "b4.yaml").read_text().startswith("format_version: 3")
     missing = tmp_path / "elsewhere.yaml"
     missing.symlink_to("nowhere/b4.yaml")
     refused = run_cli(["plan", "--calibration", calibration, "--budget", "4", "--out", str(missing)], capsys)

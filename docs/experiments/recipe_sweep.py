@@ -13,10 +13,10 @@ import torch
 
 from meancache_cli.bench.peers import solver_scheduler
 from meancache_cli.bench.prompts import SHAPES_A, SHAPES_B, SHAPES_EVAL
-from meancache_cli.calibrate import MapSettings, calibrate
+from meancache_cli.calibration import MapSettings, run_calibration
 from meancache_cli.hooks import apply_meancache, remove_meancache
 from meancache_cli.models.registry import load_pipeline, resolve_model
-from meancache_cli.plan import plan_schedule, uniform_schedule
+from meancache_cli.planning import plan_schedule, uniform_schedule
 
 diffusers.utils.logging.set_verbosity_error()
 torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def lpsnr(x, ref):
 
 
 t0 = time.time()
-cal = calibrate(pipe, spec, SHAPES_A + SHAPES_B, [1000, 1001], base, settings=MapSettings())
+cal = run_calibration(pipe, spec.name, SHAPES_A + SHAPES_B, [1000, 1001], base, settings=MapSettings(), holdout=0)
 print("calibrated", cal.trajectories, time.time() - t0, flush=True)
 pairs = [(p, s) for p in SHAPES_EVAL for s in (0,)]
 refs = [run(p, s) for p, s in pairs]

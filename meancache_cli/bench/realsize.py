@@ -28,7 +28,7 @@ from ..errors import MeanCacheError, UsageError
 from ..hooks import COUNTER_HOOK, MEANCACHE_HOOK, apply_evaluation_counter, apply_meancache
 from ..models.registry import resolve_model
 from ..models.schedulers import euler_scheduler_swap
-from ..plan import uniform_schedule
+from ..planning import uniform_schedule
 
 FAMILIES = ("flux", "qwen-image", "wan", "hunyuanvideo")
 BUDGETS = (10, 17, 25)

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calibrate import MapSettings, calibrate, reference_run_kwargs
+from ..calibration import MapSettings, reference_run_kwargs, run_calibration
 from ..core.stability import StabilityMaps, edge_costs
 from ..files import Calibration, Schedule
 from ..hooks import apply_recorder, remove_recorder
 from ..models.registry import ModelSpec, load_pipeline, resolve_model
-from ..plan import plan_schedule, uniform_schedule
+from ..planning import plan_schedule, uniform_schedule
 from .authors import release_on_schedule, release_schedule
 from .metrics import compare, latent_psnr
 from .minmax import minmax_path
@@ -319,7 +319,7 @@ class Bench:
             if ticks["steps"] % kwargs["num_inference_steps"] == 0:
                 self.advance()
 
-        return calibrate(self.pipe, self.spec, prompts.prompts, prompts.seeds, kwargs, on_step=on_step)
+        return run_calibration(self.pipe, self.spec.name, prompts.prompts, prompts.seeds, kwargs, on_step=on_step)
 
     def references(self, pairs: list[tuple[str, int]], kwargs: dict[str, Any], fine: bool = True,
                    record: bool = False) -> tuple[References, Calibration | None]:

@@ -3,12 +3,13 @@
 Nodes are sampler steps `0 … N`; an edge `t→s` runs the model once at `t` and hands `û(t→s)` to every
 step in `[t, s)`. Its estimate reads the previous compute step `p`, so its cost depends on (p, t, s)
 and the program runs over states (previous compute step, current compute step): `O(B·N²·max_back)`.
-On each edge it picks the cheapest option: reuse `v_t` (K = 0) or the JVP estimate from `p` (K = 1)
-with one of the calibrated dampings λ.
+On each edge it picks the cheapest option: reuse `v_t` (K = 0), or from `p` (K = 1) the JVP estimate with
+one of the calibrated dampings λ or the exponential-integrator edge (where its map is not NaN).
 
 Minimizing `Σ c^(1+γ)` instead of `Σ c` spreads the error: γ = 0 is the plain shortest path, a large γ
 approaches the min-max path. Ties go to the earlier predecessor, then to reuse, then to the smaller λ,
-so the result is deterministic, and a budget of N picks the exact Euler edges (reuse on t→t+1 weighs 0).
+then to the JVP over the exponential edge, so the result is deterministic, and a budget of N picks the
+exact Euler edges (reuse on t→t+1 weighs 0).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from .stability import EdgeMaps
 
 @dataclass(frozen=True)
 class Path:
-    """A schedule as the planner sees it: where the model runs, with which order and damping."""
+    """A schedule as the planner sees it: where the model runs, with which estimate, order and damping."""
 
     compute_steps: list[int]
     orders: list[int]
     lambdas: list[float]
+    kinds: list[str]
     edge_costs: list[float]
     objective: float
 
@@ -40,7 +42,7 @@ def generalized_cost(edge_costs: list[float], gamma: float) -> float:
     return peak * float(np.sum((costs / peak) ** (1.0 + gamma))) ** (1.0 / (1.0 + gamma))
 
 
-def plan_path(costs: EdgeMaps, budget: int, gamma: float = 0.5, max_skip: int | None = None,
+def plan_path(costs: EdgeMaps, budget: int, gamma: float, max_skip: int | None = None,
               kmax: int = 1) -> Path:
     """Exact dynamic program over `costs` (NaN = no such edge option); `kmax = 0` allows reuse only."""
     n, back_max = costs.num_steps, costs.max_back if kmax >= 1 else 0
@@ -48,7 +50,7 @@ def plan_path(costs: EdgeMaps, budget: int, gamma: float = 0.5, max_skip: int | 
         raise ValueError(f"budget {budget} is outside 1…{n}: use a budget between 1 and the number of steps")
     if gamma < 0 or not np.isfinite(gamma):
         raise ValueError(f"gamma {gamma} must be a finite number ≥ 0")
-    finite = np.concatenate([costs.reuse[np.isfinite(costs.reuse)], costs.jvp[np.isfinite(costs.jvp)]])
+    finite = np.concatenate([values[np.isfinite(values)] for values in (costs.reuse, costs.jvp, costs.exp)])
     scale = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
 
     def weigh(values: np.ndarray) -> np.ndarray:
@@ -59,9 +61,10 @@ def plan_path(costs: EdgeMaps, budget: int, gamma: float = 0.5, max_skip: int | 
         return weights
 
     reuse = weigh(costs.reuse)
-    # best[b − 1], choice[b − 1]: weight and option (0 reuse, j + 1 damping j) of edge t→s when p = t − b.
+    # best[b − 1], choice[b − 1]: weight and option (0 reuse, j + 1 damping j, len(λ) + 1 the exponential
+    # edge) of edge t→s when p = t − b.
     options = np.concatenate([np.broadcast_to(reuse, (1, back_max, n + 1, n + 1)),
-                              weigh(costs.jvp[:, :back_max])], axis=0)
+                              weigh(costs.jvp[:, :back_max]), weigh(costs.exp[:, :back_max])], axis=0)
     best, choice = options.min(axis=0), options.argmin(axis=0)
 
     nodes = np.arange(n + 1)
@@ -98,13 +101,33 @@ def plan_path(costs: EdgeMaps, budget: int, gamma: float = 0.5, max_skip: int | 
     for b in range(budget, 1, -1):
         steps.append(int(parents[b, steps[-1], steps[-2]]))
     steps.reverse()
-    orders, dampings, edge_costs = [], [], []
+    orders, dampings, kinds, edge_costs = [], [], [], []
     for index, (t, s) in enumerate(zip(steps[:-1], steps[1:])):
         p = steps[index - 1] if index > 0 else None
         option = int(choice[t - p - 1, t, s]) if p is not None and t - p <= back_max else 0
-        damping = costs.lambdas[option - 1] if option else 0.0
-        orders.append(1 if option else 0)
+        kind = "reuse" if option == 0 else "jvp" if option <= len(costs.lambdas) else "exp"
+        damping = costs.lambdas[option - 1] if kind == "jvp" else 1.0 if kind == "exp" else 0.0
+        orders.append(0 if kind == "reuse" else 1)
         dampings.append(float(damping))
-        edge_costs.append(abs(costs.value(p if option else None, t, s, damping)))
-    return Path(compute_steps=steps[:-1], orders=orders, lambdas=dampings, edge_costs=edge_costs,
+        kinds.append(kind)
+        edge_costs.append(abs(costs.value(p, t, s, damping, kind)))
+    return Path(compute_steps=steps[:-1], orders=orders, lambdas=dampings, kinds=kinds, edge_costs=edge_costs,
                 objective=generalized_cost(edge_costs, gamma))
+
+
+def path_cost(costs: EdgeMaps, path: Path, gamma: float) -> float:
+    """The objective of `path`'s edges, each with its own estimate, priced on other maps `costs`."""
+    ends = [*path.compute_steps[1:], costs.num_steps]
+    values = [abs(costs.value(path.compute_steps[index - 1] if index else None, t, s, damping, kind))
+              for index, (t, s, damping, kind) in enumerate(zip(path.compute_steps, ends, path.lambdas, path.kinds))]
+    return generalized_cost(values, gamma)
+
+
+def plan_stability(costs_a: EdgeMaps, costs_b: EdgeMaps, budget: int, gamma: float) -> tuple[int, float]:
+    """Compute steps shared by the plans of two independent map estimates, and their regret: the larger
+    relative excess of one half's plan, priced on the other half's maps, over that half's own plan."""
+    path_a, path_b = plan_path(costs_a, budget, gamma), plan_path(costs_b, budget, gamma)
+    shared = len(set(path_a.compute_steps) & set(path_b.compute_steps))
+    regrets = [path_cost(costs_b, path_a, gamma) / path_b.objective - 1 if path_b.objective > 0 else 0.0,
+               path_cost(costs_a, path_b, gamma) / path_a.objective - 1 if path_a.objective > 0 else 0.0]
+    return shared, max(0.0, *regrets)

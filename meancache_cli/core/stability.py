@@ -2,13 +2,14 @@
 
 The estimate of an edge `t→s` depends on the compute step `p` before it, so its error is a function
 of (p, t, s): `E(p, t, s) = mean |u(t→s) − û(t→s; p)|` on uncached trajectories, for `p` within a
-look-back of `max_back` steps and for each damping λ. Plain reuse (K = 0) does not depend on `p`.
-Maps are running sums over every trajectory added, so a trajectory can be dropped once added.
+look-back of `max_back` steps, for each damping λ of the JVP estimate and for the exponential-integrator
+edge. Plain reuse (K = 0) does not depend on `p`. Maps are running sums over every trajectory added, so a
+trajectory can be dropped once added.
 
 Shapes, N steps: `reuse` is (N+1, N+1) indexed [t, s]; `jvp` is (len(λ), max_back, N+1, N+1) indexed
-[λ, t − p − 1, t, s]; NaN where the edge is undefined. Work per trajectory ≈ N²·max_back·len(λ)·D/2
-for D latent elements (a fixed random subset of at most `max_elements`), memory (1 + len(λ)·max_back)·N²
-doubles.
+[λ, t − p − 1, t, s]; `exp` is (1, max_back, N+1, N+1) indexed [0, t − p − 1, t, s]; NaN where the edge
+is undefined. Work per trajectory ≈ N²·max_back·(len(λ) + 1)·D/2 for D latent elements (a fixed random
+subset of at most `max_elements`), memory (1 + (len(λ) + 1)·max_back)·N² doubles.
 """
 
 from __future__ import annotations
@@ -18,21 +19,27 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .estimator import average_velocity, jvp_estimate
+from .. import defaults
+from .estimator import average_velocity, exponential_coefficient, jvp_estimate
 
 COST_KINDS = ("displacement", "velocity")
-DEFAULT_LAMBDAS = (0.5, 1.0)
-DEFAULT_MAX_ELEMENTS = 65536
+EDGE_KINDS = ("reuse", "jvp", "exp")  # the estimate an edge uses: v_t, the damped JVP, the exponential integrator
 SUBSET_SEED = 0
 
 
 @dataclass
 class EdgeMaps:
-    """One number per edge option: reuse `[t, s]`, and the JVP estimate `[λ, t − p − 1, t, s]`."""
+    """One number per edge option: reuse `[t, s]`, the JVP estimate `[λ, t − p − 1, t, s]` and the
+    exponential-integrator edge `[0, t − p − 1, t, s]`."""
 
     reuse: np.ndarray
     jvp: np.ndarray
     lambdas: tuple[float, ...]
+    exp: np.ndarray | None = None  # None: no exponential edge (every entry NaN)
+
+    def __post_init__(self) -> None:
+        if self.exp is None:
+            self.exp = np.full((1, *self.jvp.shape[1:]), np.nan)
 
     @property
     def num_steps(self) -> int:
@@ -42,22 +49,28 @@ class EdgeMaps:
     def max_back(self) -> int:
         return self.jvp.shape[1]
 
-    def value(self, p: int | None, t: int, s: int, damping: float) -> float:
-        """The entry of edge `t→s` estimated with reference `p` and damping λ (reuse when p is None or λ = 0)."""
-        if p is None or damping == 0:
+    def value(self, p: int | None, t: int, s: int, damping: float, kind: str = "jvp") -> float:
+        """The entry of edge `t→s` estimated with reference `p`: the JVP with damping λ, or the exponential
+        integrator (`kind="exp"`); reuse when p is None, or λ = 0 for the JVP."""
+        if p is None or kind == "reuse" or (kind == "jvp" and damping == 0):
             return float(self.reuse[t, s])
         if not 1 <= t - p <= self.max_back:
             return float("nan")
+        if kind == "exp":
+            return float(self.exp[0, t - p - 1, t, s])
         return float(self.jvp[self.lambdas.index(damping), t - p - 1, t, s])
 
-    def select(self, lambdas: tuple[float, ...]) -> EdgeMaps:
-        """The same maps restricted to some of the calibrated dampings."""
+    def select(self, lambdas: tuple[float, ...], exponential: bool = True) -> EdgeMaps:
+        """The same maps restricted to some of the calibrated dampings, with or without the exponential edge
+        (without: its entries are NaN, so the planner never picks it)."""
         index = [self.lambdas.index(value) for value in lambdas]
-        return EdgeMaps(self.reuse, self.jvp[index], tuple(lambdas))
+        exp = self.exp if exponential else np.full_like(self.exp, np.nan)
+        return EdgeMaps(self.reuse, self.jvp[index], tuple(lambdas), exp)
 
 
 def defined_mask(n: int, max_back: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where `reuse` and `jvp` of an N-step map are defined: t < s, and for jvp also p = t − b − 1 ≥ 0."""
+    """Where `reuse` and the history-dependent maps (`count` options) of an N-step map are defined: t < s, and
+    for the latter also p = t − b − 1 ≥ 0."""
     t, s = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
     reuse = t < s
     back = np.arange(1, max_back + 1)[:, None, None]
@@ -94,18 +107,25 @@ def trajectory_errors(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor, 
     xs = xs.reshape(n + 1, -1).double()
     vs = vs.reshape(n, -1).double()
     sig = sigmas.double()
+    data = xs[:n] - sig[:n, None] * vs  # the data prediction x̂₀ at every step
     reuse = np.full((n + 1, n + 1), np.nan)
     jvp = np.full((len(lambdas), max_back, n + 1, n + 1), np.nan)
+    exp = np.full((1, max_back, n + 1, n + 1), np.nan)
     for t in range(n):
         ends = torch.arange(t + 1, n + 1)
         spans = (sig[ends] - sig[t])[:, None]
         residual = average_velocity(xs[t][None], xs[ends], sig[t], sig[ends][:, None]) - vs[t][None]
         reuse[t, t + 1:] = residual.abs().mean(dim=1).numpy()
         for back in range(1, min(max_back, t) + 1):
-            correction = spans * jvp_estimate(vs[t - back], vs[t], sig[t - back], sig[t])[None]
+            p = t - back
+            correction = spans * jvp_estimate(vs[p], vs[t], sig[p], sig[t])[None]
             for index, damping in enumerate(lambdas):
                 jvp[index, back - 1, t, t + 1:] = (residual - damping * correction).abs().mean(dim=1).numpy()
-    return EdgeMaps(reuse, jvp, tuple(lambdas))
+            coefficients = torch.tensor([exponential_coefficient(float(sig[p]), float(sig[t]), float(sig[s]))
+                                         for s in ends.tolist()], dtype=torch.float64)[:, None]
+            exponential = residual - coefficients * (data[t] - data[p])[None]
+            exp[0, back - 1, t, t + 1:] = exponential.abs().mean(dim=1).numpy()
+    return EdgeMaps(reuse, jvp, tuple(lambdas), exp)
 
 
 def velocity_changes(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +143,7 @@ def velocity_changes(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor) -
     return inst, avg
 
 
-SUM_NAMES = ("reuse_sum", "jvp_sum", "velocity_norm_sum", "velocity_change_sum", "mean_velocity_change_sum",
+SUM_NAMES = ("reuse_sum", "jvp_sum", "exp_sum", "velocity_norm_sum", "velocity_change_sum", "mean_velocity_change_sum",
              "latent_elements_sum")
 
 
@@ -137,10 +157,11 @@ class StabilityMaps:
 
     sigmas: np.ndarray
     max_back: int
-    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
-    max_elements: int | None = DEFAULT_MAX_ELEMENTS
+    lambdas: tuple[float, ...] = defaults.LAMBDAS
+    max_elements: int | None = defaults.MAX_ELEMENTS
     reuse_sum: np.ndarray = field(init=False)
     jvp_sum: np.ndarray = field(init=False)
+    exp_sum: np.ndarray = field(init=False)
     velocity_norm_sum: np.ndarray = field(init=False)
     velocity_change_sum: np.ndarray = field(init=False)
     mean_velocity_change_sum: np.ndarray = field(init=False)
@@ -153,6 +174,7 @@ class StabilityMaps:
         self.lambdas = tuple(float(value) for value in self.lambdas)
         self.reuse_sum = np.zeros((n + 1, n + 1))
         self.jvp_sum = np.zeros((len(self.lambdas), self.max_back, n + 1, n + 1))
+        self.exp_sum = np.zeros((1, self.max_back, n + 1, n + 1))
         self.velocity_norm_sum = np.zeros(n)
         self.velocity_change_sum = np.zeros(n)
         self.mean_velocity_change_sum = np.zeros(n)
@@ -181,6 +203,7 @@ class StabilityMaps:
         maps = trajectory_errors(xs, vs, sigmas, self.max_back, self.lambdas)
         self.reuse_sum += np.nan_to_num(maps.reuse)
         self.jvp_sum += np.nan_to_num(maps.jvp)
+        self.exp_sum += np.nan_to_num(maps.exp)
         inst, avg = velocity_changes(xs, vs, sigmas)
         self.velocity_norm_sum += vs.abs().mean(1).numpy()
         self.velocity_change_sum += np.nan_to_num(inst)
@@ -210,10 +233,12 @@ class StabilityMaps:
         """Mean error maps, NaN where undefined."""
         if self.count == 0:
             raise ValueError("no trajectory was added to the stability maps")
-        reuse_defined, jvp_defined = defined_mask(len(self.sigmas) - 1, self.max_back, len(self.lambdas))
+        n = len(self.sigmas) - 1
+        reuse_defined, jvp_defined = defined_mask(n, self.max_back, len(self.lambdas))
         reuse = np.where(reuse_defined, self.reuse_sum / self.count, np.nan)
         jvp = np.where(jvp_defined, self.jvp_sum / self.count, np.nan)
-        return EdgeMaps(reuse, jvp, self.lambdas)
+        exp = np.where(defined_mask(n, self.max_back, 1)[1], self.exp_sum / self.count, np.nan)
+        return EdgeMaps(reuse, jvp, self.lambdas, exp)
 
     def step_statistics(self) -> dict[str, np.ndarray]:
         """Mean per-step velocity statistics, for reports and plots."""
@@ -238,4 +263,4 @@ def edge_costs(errors: EdgeMaps, sigmas: np.ndarray, kind: str) -> EdgeMaps:
     reuse = errors.reuse * scale
     n = len(sigmas) - 1
     reuse[np.arange(n), np.arange(1, n + 1)] = 0.0
-    return replace(errors, reuse=reuse, jvp=errors.jvp * scale)
+    return replace(errors, reuse=reuse, jvp=errors.jvp * scale, exp=errors.exp * scale)
