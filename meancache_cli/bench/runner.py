@@ -236,7 +236,8 @@ def uniform_jvp_schedule(model: str, steps: int, budget: int, damping: float) ->
     """Evenly spaced compute steps with MeanCache's estimator (K = 1, damping λ) on every edge after the first."""
     schedule = uniform_schedule(model, steps, budget)
     orders = [0] + [1] * (budget - 1)
-    return replace(schedule, orders=orders, lambdas=[damping * k for k in orders])
+    return replace(schedule, orders=orders, lambdas=[damping * k for k in orders],
+                   kinds=["jvp" if k and damping else "reuse" for k in orders])
 
 
 class Bench:
