@@ -4,6 +4,10 @@ Both see every transformer call. The scheduler's step index says which sampler s
 to; further calls within one step are guidance branches (true CFG calls the transformer once per
 branch), and each branch keeps its own history. σ values come from the pipeline's scheduler at run time, so
 the estimator uses the sigmas the sampler really steps through.
+
+Under `torch.compile` (`transformer.compile()`) the hooks run inside the compiled
+call: their bookkeeping is `torch.compiler.disable`d, so dynamo traces only the model's own forward and the per-step
+Python state (step, branch, history) never becomes a guard that recompiles at every step.
 """
 
 from __future__ import annotations
@@ -179,6 +183,7 @@ class SamplerHook(ModelHook):
         self.sigmas = sigmas
         self.tracker = StepTracker(adapter, sigmas)
         self.branches: list[BranchHistory] = []
+        self.call: tuple[BranchHistory, int, torch.Tensor] | None = None  # the call in progress
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.forward_args = ForwardArgs(module.forward, self.adapter)
@@ -187,6 +192,7 @@ class SamplerHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.tracker.reset()
         self.branches = []
+        self.call = None
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -215,6 +221,7 @@ class EvaluationCounterHook(ModelHook):
         super().__init__()
         self.evaluations = 0
 
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         self.evaluations += 1
         return args, kwargs
@@ -253,15 +260,29 @@ class ScheduleHook(SamplerHook):
                       for index, (t, s, order, damping) in enumerate(config.schedule.edges)}
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Only the model call is traced under torch.compile: the three steps around it run eagerly.
+        if self._begin_call(args, kwargs):
+            return self._computed_call(self.fn_ref.original_forward(*args, **kwargs))
+        return self._skipped_call()
+
+    @torch.compiler.disable
+    def _begin_call(self, args: tuple, kwargs: dict) -> bool:
+        """Place the call (step, branch, history); True when the model runs at this step."""
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self._start_generation()
-        step = self.tracker.step
-        history = self.branch_history()
-        if step in self.edges:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            history.output = output
-            return self.computed(history, step, latents, output)
+        self.call = (self.branch_history(), self.tracker.step, latents)
+        return self.tracker.step in self.edges
+
+    @torch.compiler.disable
+    def _computed_call(self, output: Any) -> Any:
+        (history, step, latents), self.call = self.call, None
+        history.output = output
+        return self.computed(history, step, latents, output)
+
+    @torch.compiler.disable
+    def _skipped_call(self) -> Any:
+        (history, step, latents), self.call = self.call, None
         velocity = self.skipped(history, step, latents)
         return replace_output(history.output, (velocity * self.adapter.output_sign).to(
             output_sample(history.output).dtype))
@@ -389,10 +410,18 @@ class RecorderHook(SamplerHook):
         self.velocities: list[list[torch.Tensor]] = []
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
+        latents = self._begin_call(args, kwargs)
+        return self._record(latents, self.fn_ref.original_forward(*args, **kwargs))
+
+    @torch.compiler.disable
+    def _begin_call(self, args: tuple, kwargs: dict) -> torch.Tensor:
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self.x0, self.velocities = [], []
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        return latents
+
+    @torch.compiler.disable
+    def _record(self, latents: torch.Tensor, output: Any) -> Any:
         branch = self.tracker.branch
         if branch == len(self.x0):
             self.x0.append(latents.detach().float().cpu())
