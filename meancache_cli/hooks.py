@@ -5,7 +5,7 @@ to; further calls within one step are guidance branches (true CFG calls the tran
 branch), and each branch keeps its own history. σ values come from the pipeline's scheduler at run time, so
 the estimator uses the sigmas the sampler really steps through.
 
-Under `torch.compile` (`transformer.compile()`) the hooks run inside the compiled
+Under `torch.compile` (`transformer.compile()`, `torch.compile(transformer)`) the hooks run inside the compiled
 call: their bookkeeping is `torch.compiler.disable`d, so dynamo traces only the model's own forward and the per-step
 Python state (step, branch, history) never becomes a guard that recompiles at every step.
 """
@@ -25,7 +25,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .core.estimator import mean_velocity, release_velocity
 from .errors import MeanCacheError, ScheduleMismatchError
 from .files import Schedule, load_schedule
-from .models.adapters import ModelAdapter, adapter_for
+from .models.adapters import ModelAdapter, adapter_for, unwrap_transformer
 
 MEANCACHE_HOOK = "meancache"
 RECORDER_HOOK = "meancache_recorder"
@@ -54,8 +54,10 @@ def _hooks_of(pipe: Any) -> Iterator[HookRegistry]:
     `enable_model_cpu_offload` wraps `transformer.forward`, and the pipeline re-creates that wrapper at
     the end of every call around the forward it wrapped first: a hook registered on top of it would be
     dropped after one generation. So the wrapper is lifted off while hooks change and put back on top.
+    Beneath `torch.compile(transformer)` the hooks go on the model itself, where the pipeline's `cache_context` and
+    hook resets reach them.
     """
-    module = pipe.transformer
+    module = unwrap_transformer(pipe.transformer)
     offload = getattr(module, "_hf_hook", None)
     if offload is not None:
         from accelerate.hooks import remove_hook_from_module
@@ -71,7 +73,7 @@ def _hooks_of(pipe: Any) -> Iterator[HookRegistry]:
 
 
 def _remove_hook(pipe: Any, name: str) -> None:
-    if HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(name) is None:
+    if HookRegistry.check_if_exists_or_initialize(unwrap_transformer(pipe.transformer)).get_hook(name) is None:
         return
     with _hooks_of(pipe) as registry:
         registry.remove_hook(name, recurse=False)
@@ -229,7 +231,7 @@ class EvaluationCounterHook(ModelHook):
 
 def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
     """Count real evaluations of `pipe.transformer`; call before applying a cache hook."""
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    registry = HookRegistry.check_if_exists_or_initialize(unwrap_transformer(pipe.transformer))
     if registry.get_hook(MEANCACHE_HOOK) is not None:
         raise MeanCacheError("apply the evaluation counter before MeanCache, so skipped steps are not counted")
     existing = registry.get_hook(COUNTER_HOOK)

@@ -1,4 +1,4 @@
-"""MeanCache on a compiled transformer.
+"""MeanCache on a compiled transformer, and on transformers whose class is not one of diffusers' own.
 
 Graphs are counted by a dynamo backend that runs each graph as traced (like the `eager` backend: dynamo traces,
 guards and recompiles as it does for inductor, without a C++ build) and counts how many it was handed. The hook's
@@ -14,10 +14,13 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch._dynamo
+from diffusers import FluxTransformer2DModel
 from tiny import TINY_CALL, tiny_flux_pipeline
 
 from meancache_cli import Schedule, apply_meancache, remove_meancache
+from meancache_cli.errors import MeanCacheError
 from meancache_cli.hooks import apply_evaluation_counter
+from meancache_cli.models.adapters import ADAPTERS, adapter_for
 
 PROMPT = "a red circle on a blue background"
 N = 12
@@ -63,13 +66,17 @@ def compile_module(pipe, backend) -> None:
     pipe.transformer.compile(backend=backend)
 
 
+def wrap_module(pipe, backend) -> None:
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+
+
 def compile_blocks(pipe, backend) -> None:
     pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
 
 
-@pytest.mark.parametrize("compile_transformer", [compile_module, compile_blocks])
+@pytest.mark.parametrize("compile_transformer", [compile_module, wrap_module, compile_blocks])
 def test_a_cached_generation_compiles_no_graph_per_step(compile_transformer, backend, eager) -> None:
-    """`transformer.compile()` and `compile_repeated_blocks`: the first cached
+    """`transformer.compile()`, `torch.compile(transformer)` and `compile_repeated_blocks`: the first cached
     generation compiles at most 3 graphs (the model's own, traced again beneath the hook), the next one none; B real
     evaluations; the outputs are eager's."""
     pipe = tiny_flux_pipeline()
@@ -90,3 +97,26 @@ def test_a_cached_generation_compiles_no_graph_per_step(compile_transformer, bac
     remove_meancache(pipe)
     torch.testing.assert_close(latents(pipe), eager["uncached"], **TOLERANCE)
     assert counter.evaluations == 2 * N + 2 * B
+
+
+class TunedFlux(FluxTransformer2DModel):
+    """A fine-tune's own class: a subclass of a supported transformer."""
+
+    def describe(self) -> str:
+        return "tuned"
+
+
+def test_a_subclass_of_a_supported_transformer_gets_its_base_adapter(eager) -> None:
+    pipe = tiny_flux_pipeline()
+    tuned = TunedFlux.from_config(pipe.transformer.config)
+    tuned.load_state_dict(pipe.transformer.state_dict())
+    pipe.transformer = tuned.eval().requires_grad_(False)
+    assert adapter_for(pipe.transformer) is ADAPTERS["FluxTransformer2DModel"]
+    apply_meancache(pipe, CACHED)
+    torch.testing.assert_close(latents(pipe), eager["cached"], **TOLERANCE)
+
+
+def test_an_unknown_transformer_is_refused_in_one_line_even_compiled() -> None:
+    with pytest.raises(MeanCacheError, match=r"^Linear is not a supported flow-matching transformer") as error:
+        adapter_for(torch.compile(torch.nn.Linear(2, 2)))
+    assert "\n" not in str(error.value)
