@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch._dynamo
 from diffusers import FluxTransformer2DModel
+from peft import LoraConfig
 from tiny import TINY_CALL, tiny_flux_pipeline
+from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
 from meancache_cli import Schedule, apply_meancache, remove_meancache
 from meancache_cli.errors import MeanCacheError
@@ -97,6 +99,34 @@ def test_a_cached_generation_compiles_no_graph_per_step(compile_transformer, bac
     remove_meancache(pipe)
     torch.testing.assert_close(latents(pipe), eager["uncached"], **TOLERANCE)
     assert counter.evaluations == 2 * N + 2 * B
+
+
+def with_lora(pipe) -> None:
+    torch.manual_seed(1)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_out"]))
+
+
+def with_int8_weights(pipe) -> None:
+    quantize_(pipe.transformer, Int8WeightOnlyConfig())
+
+
+@pytest.mark.parametrize("modify", [with_lora, with_int8_weights])
+def test_lora_and_int8_weights_compose_with_transformer_compile(modify, backend) -> None:
+    """The stack GPU users run: a LoRA adapter (peft) or torchao int8 weights, `transformer.compile()`, MeanCache."""
+    reference = tiny_flux_pipeline()
+    modify(reference)
+    apply_meancache(reference, CACHED)
+    expected = latents(reference)
+    pipe = tiny_flux_pipeline()
+    modify(pipe)
+    pipe.transformer.compile(backend=backend)
+    apply_meancache(pipe, CACHED)
+    cached = latents(pipe)
+    compiled = backend.graphs
+    latents(pipe)
+    assert 1 <= compiled <= 3 and backend.graphs == compiled
+    torch.testing.assert_close(cached, expected, **TOLERANCE)
 
 
 class TunedFlux(FluxTransformer2DModel):
