@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -586,8 +587,10 @@ def bench(
     )] = False,
     families: Annotated[str | None, typer.Option(
         "--families", help="With --real-size: comma-separated subset of flux,qwen-image,wan,hunyuanvideo.")] = None,
-    compile_mode: Annotated[str, typer.Option(
-        "--compile", help="With --real-size: regional (repeated blocks), whole (the forward) or none.")] = "regional",
+    compile_mode: Annotated[str | None, typer.Option("--compile", help=(
+        "With --real-size: the compiled rows, comma-separated: regional (repeated blocks), whole (the forward), "
+        "module (transformer.compile()), wrapped (torch.compile(transformer)); or none. Default: "
+        "regional,module,wrapped."))] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Benchmark MeanCache against every peer on one model, prompts and seeds, in one process;
@@ -598,7 +601,7 @@ def bench(
     from .bench.runner import default_report_path
     from .outputs import check_output_folder
 
-    if not real_size and (reduced or families or compile_mode != "regional"):
+    if not real_size and (reduced or families or compile_mode is not None):
         raise UsageError("--reduced, --families and --compile apply only with --real-size")
     check_output_folder(out)
     if real_size:
@@ -615,17 +618,17 @@ def bench(
 
 
 def bench_real_size(out: Path, report: Path | None, budgets: tuple[int, ...] | None, steps: int | None,
-                    repeats: int | None, device: str | None, reduced: bool, families: str | None, compile_mode: str,
-                    quick: bool, model: str, as_json: bool) -> None:
+                    repeats: int | None, device: str | None, reduced: bool, families: str | None,
+                    compile_mode: str | None, quick: bool, model: str, as_json: bool) -> None:
     """`bench --real-size`: measure, merge into OUT/realsize.json, rewrite the report's real-size section."""
-    from .bench.realsize import run_real_size
+    from .bench.realsize import DEFAULT_COMPILE, run_real_size
     from .bench.realsize_report import summary, write_real_size
     from .bench.runner import default_report_path
 
     if quick or model != "demo":
         raise UsageError("--quick and --model do not apply to --real-size: use --repeats 1 and --families")
     report = report or default_report_path(out)
-    results = run_real_size(families, device, reduced, steps, budgets, repeats, compile_mode,
+    results = run_real_size(families, device, reduced, steps, budgets, repeats, compile_mode or DEFAULT_COMPILE,
                             log=lambda line: stderr.print(line, highlight=False),
                             on_result=lambda partial: write_real_size(partial, out, report))
     rows, text = summary(results)
@@ -723,6 +726,9 @@ def main() -> None:
     """Entry point: one-line errors with documented exit codes (2 usage, 1 runtime, 130 interrupted)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # torchao, when installed, logs at import (inside `import diffusers`) the kernels it cannot load here.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     raise_on_signals()
     try:
         code = app(standalone_mode=False, prog_name="meancache")

@@ -4,6 +4,10 @@ Both see every transformer call. The scheduler's step index says which sampler s
 to; further calls within one step are guidance branches (true CFG calls the transformer once per
 branch), and each branch keeps its own history. σ values come from the pipeline's scheduler at run time, so
 the estimator uses the sigmas the sampler really steps through.
+
+Under `torch.compile` (`transformer.compile()`, `torch.compile(transformer)`) the hooks run inside the compiled
+call: their bookkeeping is `torch.compiler.disable`d, so dynamo traces only the model's own forward and the per-step
+Python state (step, branch, history) never becomes a guard that recompiles at every step.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .core.estimator import exponential_velocity, mean_velocity, release_velocity
 from .errors import MeanCacheError, ScheduleMismatchError
 from .files import Schedule, load_schedule
-from .models.adapters import ModelAdapter, adapter_for
+from .models.adapters import ModelAdapter, adapter_for, unwrap_transformer
 
 MEANCACHE_HOOK = "meancache"
 RECORDER_HOOK = "meancache_recorder"
@@ -50,8 +54,10 @@ def _hooks_of(pipe: Any) -> Iterator[HookRegistry]:
     `enable_model_cpu_offload` wraps `transformer.forward`, and the pipeline re-creates that wrapper at
     the end of every call around the forward it wrapped first: a hook registered on top of it would be
     dropped after one generation. So the wrapper is lifted off while hooks change and put back on top.
+    Beneath `torch.compile(transformer)` the hooks go on the model itself, where the pipeline's `cache_context` and
+    hook resets reach them.
     """
-    module = pipe.transformer
+    module = unwrap_transformer(pipe.transformer)
     offload = getattr(module, "_hf_hook", None)
     if offload is not None:
         from accelerate.hooks import remove_hook_from_module
@@ -67,7 +73,7 @@ def _hooks_of(pipe: Any) -> Iterator[HookRegistry]:
 
 
 def _remove_hook(pipe: Any, name: str) -> None:
-    if HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(name) is None:
+    if HookRegistry.check_if_exists_or_initialize(unwrap_transformer(pipe.transformer)).get_hook(name) is None:
         return
     with _hooks_of(pipe) as registry:
         registry.remove_hook(name, recurse=False)
@@ -179,6 +185,7 @@ class SamplerHook(ModelHook):
         self.sigmas = sigmas
         self.tracker = StepTracker(adapter, sigmas)
         self.branches: list[BranchHistory] = []
+        self.call: tuple[BranchHistory, int, torch.Tensor] | None = None  # the call in progress
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.forward_args = ForwardArgs(module.forward, self.adapter)
@@ -187,6 +194,7 @@ class SamplerHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.tracker.reset()
         self.branches = []
+        self.call = None
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -215,6 +223,7 @@ class EvaluationCounterHook(ModelHook):
         super().__init__()
         self.evaluations = 0
 
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         self.evaluations += 1
         return args, kwargs
@@ -222,7 +231,7 @@ class EvaluationCounterHook(ModelHook):
 
 def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
     """Count real evaluations of `pipe.transformer`; call before applying a cache hook."""
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    registry = HookRegistry.check_if_exists_or_initialize(unwrap_transformer(pipe.transformer))
     if registry.get_hook(MEANCACHE_HOOK) is not None:
         raise MeanCacheError("apply the evaluation counter before MeanCache, so skipped steps are not counted")
     existing = registry.get_hook(COUNTER_HOOK)
@@ -252,15 +261,29 @@ class ScheduleHook(SamplerHook):
         self.edges = {edge.start: (index, edge) for index, edge in enumerate(config.schedule.edges)}
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Only the model call is traced under torch.compile: the three steps around it run eagerly.
+        if self._begin_call(args, kwargs):
+            return self._computed_call(self.fn_ref.original_forward(*args, **kwargs))
+        return self._skipped_call()
+
+    @torch.compiler.disable
+    def _begin_call(self, args: tuple, kwargs: dict) -> bool:
+        """Place the call (step, branch, history); True when the model runs at this step."""
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self._start_generation()
-        step = self.tracker.step
-        history = self.branch_history()
-        if step in self.edges:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            history.output = output
-            return self.computed(history, step, latents, output)
+        self.call = (self.branch_history(), self.tracker.step, latents)
+        return self.tracker.step in self.edges
+
+    @torch.compiler.disable
+    def _computed_call(self, output: Any) -> Any:
+        (history, step, latents), self.call = self.call, None
+        history.output = output
+        return self.computed(history, step, latents, output)
+
+    @torch.compiler.disable
+    def _skipped_call(self) -> Any:
+        (history, step, latents), self.call = self.call, None
         velocity = self.skipped(history, step, latents)
         return replace_output(history.output, (velocity * self.adapter.output_sign).to(
             output_sample(history.output).dtype))
@@ -398,10 +421,18 @@ class RecorderHook(SamplerHook):
         self.velocities: list[list[torch.Tensor]] = []
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
+        latents = self._begin_call(args, kwargs)
+        return self._record(latents, self.fn_ref.original_forward(*args, **kwargs))
+
+    @torch.compiler.disable
+    def _begin_call(self, args: tuple, kwargs: dict) -> torch.Tensor:
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self.x0, self.velocities = [], []
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        return latents
+
+    @torch.compiler.disable
+    def _record(self, latents: torch.Tensor, output: Any) -> Any:
         branch = self.tracker.branch
         if branch == len(self.x0):
             self.x0.append(latents.detach().float().cpu())
