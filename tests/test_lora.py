@@ -12,10 +12,8 @@ import torch
 from peft import LoraConfig
 from tiny import TINY_CALL, ForwardCounter, tiny_flux_pipeline
 
+import meancache_cli as mc
 from meancache_cli import Schedule, apply_meancache, remove_meancache
-from meancache_cli.calibrate import MapSettings, calibrate
-from meancache_cli.models.registry import ModelSpec
-from meancache_cli.plan import plan_schedule
 
 PROMPT = "a red circle on a blue background"
 N = 10
@@ -60,17 +58,16 @@ def test_budget_equal_to_steps_is_the_adapted_run_bit_for_bit(pipe, cfg: dict) -
 
 def test_calibrated_with_the_adapter_then_cached_at_budget(pipe) -> None:
     """Calibrate on the adapted model, plan B = 5, generate: B real evaluations per branch, finite output."""
-    spec = ModelSpec(name="tiny-lora", pipeline_class="FluxPipeline")
     call = {**TINY_CALL, "num_inference_steps": N}
-    calibration = calibrate(pipe, spec, [PROMPT, "a blue star"], [0], call, MapSettings(max_back=2))
+    calibration = mc.calibrate(pipe, [PROMPT, "a blue star"], [0], model="tiny-lora", max_back=2, **call)
     pipe.transformer.disable_adapters()
     try:
-        base = calibrate(pipe, spec, [PROMPT, "a blue star"], [0], call, MapSettings(max_back=2))
+        base = mc.calibrate(pipe, [PROMPT, "a blue star"], [0], model="tiny-lora", max_back=2, **call)
     finally:
         pipe.transformer.enable_adapters()
     assert calibration.trajectories == 2 and np.isfinite(calibration.errors.reuse).any()
     assert not np.allclose(calibration.errors.reuse, base.errors.reuse, equal_nan=True)  # it saw the adapter
-    schedule = plan_schedule(calibration, 5)
+    schedule = mc.plan(calibration, 5)
     counter = ForwardCounter(pipe.transformer.x_embedder)
     apply_meancache(pipe, schedule)
     try:
