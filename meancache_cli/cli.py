@@ -335,6 +335,8 @@ def plan(
         help="Largest order K: 0 = velocity reuse only, 1 = the JVP from the previous compute step.")] = 1,
     lambdas: Annotated[str | None, typer.Option(
         help="Comma-separated dampings λ the planner may use (a subset of the calibration's).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Sampler steps to plan for, at most the calibration's (default: the calibration's).")] = None,
     out: Annotated[str, typer.Option("--out", help="Schedule file to write, or - for stdout.")] = "-",
     as_json: JsonOption = False,
 ) -> None:
@@ -350,8 +352,11 @@ def plan(
     if as_json and to_stdout:
         raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
     check_output_directory(out)
+    if steps is not None:
+        check_steps(steps)
     chosen = parse_lambdas(lambdas) if lambdas is not None else None
-    schedule = plan_schedule(load_calibration(calibration), budget, gamma, cost, max_skip, kmax, calibration, chosen)
+    schedule = plan_schedule(load_calibration(calibration), budget, gamma, cost, max_skip, kmax, calibration, chosen,
+                             steps)
     if schedule.calibration is not None and not to_stdout:
         schedule = replace(schedule, calibration={**schedule.calibration, "path": reference_from(out, calibration)})
     save_schedule(schedule, out)
@@ -365,7 +370,8 @@ def plan(
             f"dampings λ:    {' '.join(f'{v:g}' for v in schedule.lambdas)}\n"
             f"edge costs:    {' '.join(f'{c:.3g}' for c in schedule.edge_costs)}   ({cost} error)\n"
             f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ = {gamma:g}\n"
-            f"{schedule.budget} of {steps} steps, ideal speed-up {steps / schedule.budget:.1f}x")
+            f"{schedule.budget} of {steps} steps, ideal speed-up {steps / schedule.budget:.1f}x"
+            + (f"\n{schedule.notes}" if schedule.notes else ""))
     emit(summary, as_json, text, to_stderr=to_stdout)
 
 
@@ -389,7 +395,10 @@ def generate(
     budget: Annotated[int | None, typer.Option(
         "--budget", help="Use the shipped schedule for this model and budget (no calibration needed).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Run the uncached pipeline.")] = False,
-    steps: Annotated[int | None, typer.Option(help="Sampler steps N (the schedule's if omitted).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Sampler steps N (the schedule's if omitted; another N runs the schedule mapped by σ).")] = None,
+    strict_schedule: Annotated[bool, typer.Option(
+        "--strict-schedule", help="Refuse a schedule planned for other steps instead of mapping it by σ.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     height: HeightOption = None,
     width: WidthOption = None,
@@ -450,7 +459,7 @@ def generate(
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     if plan is not None:
         for message in check_schedule(plan, spec.name, steps, kwargs.get("height"), kwargs.get("width"),
-                                      spec.family):
+                                      spec.family, strict_schedule):
             warn(message)
     check_vocabulary(spec, [prompt] if prompts is None else prompt_list)
     world = current_world()
@@ -461,13 +470,14 @@ def generate(
         jobs = plan_jobs(prompt_list, seed, out, ".gif" if video else ".png")
         mine = len(pending_jobs(jobs, world))
         with progress_bar(f"generating {mine} outputs", mine, enabled=world.is_main) as advance:
-            done = generate_batch(pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, on_image=advance)
+            done = generate_batch(pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, on_image=advance,
+                                  strict=strict_schedule)
         if done is not None:
             emit(done, as_json, f"wrote {done.pop('written')} outputs to {out} (manifest.jsonl); "
                  f"{done['generated']} generated here")
         return
     with progress_bar("generating", steps) as advance:
-        result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance)
+        result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance, strict=strict_schedule)
     provenance = {"model": spec.name, "prompt": prompt, "seed": seed, "steps": steps, "nfe": result.nfe,
                   "schedule_sha256": plan.sha256() if plan else None}
     summary = {"output": str(out), "nfe": result.nfe, "steps": steps, "seconds": result.seconds,
@@ -481,7 +491,7 @@ def generate(
     if compare and plan is not None:
         with progress_bar("timing cached vs uncached", 2 * repeat + 2) as advance:
             summary.update(compare_with_uncached(pipe, prompt, seed, kwargs, plan, result.images[0], repeat,
-                                                 on_run=advance))
+                                                 on_run=advance, strict=strict_schedule))
         text += (f"\nuncached: {summary['reference_nfe']} evaluations; speed-up {summary['speedup']:.2f}x "
                  f"(median of {repeat}); PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} vs uncached"
                  f"\n{summary['euler_steps']}-step Euler ({summary['euler_nfe']} evaluations, as cached): "

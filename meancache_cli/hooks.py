@@ -9,12 +9,14 @@ the estimator uses the sigmas the sampler really steps through.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
@@ -22,6 +24,7 @@ from .core.estimator import mean_velocity, release_velocity
 from .errors import MeanCacheError, ScheduleMismatchError
 from .files import Schedule, load_schedule
 from .models.adapters import ModelAdapter, adapter_for
+from .plan import schedule_on_sigmas
 
 MEANCACHE_HOOK = "meancache"
 RECORDER_HOOK = "meancache_recorder"
@@ -236,21 +239,32 @@ def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
 
 @dataclass(frozen=True)
 class MeanCacheConfig:
-    """What the MeanCache hook needs: the schedule and how to read this model."""
+    """What the MeanCache hook needs: the schedule, how to read this model, and whether a schedule planned
+    for another step count is refused (`strict`) or moved by σ onto the run's sigmas."""
 
     schedule: Schedule
     adapter: ModelAdapter
+    strict: bool = False
+
+
+class ScheduleMappedWarning(UserWarning):
+    """A schedule runs on another grid than it was planned on: its compute steps were moved by σ."""
 
 
 class ScheduleHook(SamplerHook):
     """Runs the transformer only at the schedule's compute steps; the subclass says what every other
-    step gets instead of a model velocity."""
+    step gets instead of a model velocity. At each generation's start the schedule is put on the sigmas
+    the scheduler really made (`schedule_on_sigmas`), so it runs by σ at any step count and resolution."""
 
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
         super().__init__(config.adapter, sigmas)
         self.config = config
-        self.edges = {t: (index, s, order, damping)
-                      for index, (t, s, order, damping) in enumerate(config.schedule.edges)}
+        self.grid: tuple[float, ...] | None = None
+        self._follow(config.schedule)
+
+    def _follow(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+        self.edges = {t: (index, s, order, damping) for index, (t, s, order, damping) in enumerate(schedule.edges)}
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
         latents, timestep = self.forward_args.bind(args, kwargs)
@@ -275,13 +289,25 @@ class ScheduleHook(SamplerHook):
         raise NotImplementedError
 
     def _start_generation(self) -> None:
-        steps = len(self.sigmas()) - 1
-        expected = self.config.schedule.num_inference_steps
-        if steps != expected:
+        sigmas = self.sigmas()
+        steps = len(sigmas) - 1
+        planned = self.config.schedule
+        if self.config.strict and steps != planned.num_inference_steps:
             raise ScheduleMismatchError(
-                f"the schedule was planned for num_inference_steps={expected} but the pipeline runs {steps} steps: "
-                f"generate with {expected} steps or plan a schedule for {steps}"
+                f"the schedule was planned for num_inference_steps={planned.num_inference_steps} but the pipeline "
+                f"runs {steps} steps: generate with {planned.num_inference_steps} steps or plan a schedule for "
+                f"{steps} (without strict it is mapped by σ)"
             )
+        grid = tuple(sigmas.detach().double().cpu().tolist())
+        if not self.config.strict and grid != self.grid:
+            self.grid = grid
+            self._follow(schedule_on_sigmas(planned, np.asarray(grid)))
+            if self.schedule is not planned:
+                mapped = " ".join(map(str, self.schedule.compute_steps))
+                warnings.warn(
+                    f"the schedule planned for {planned.num_inference_steps} steps runs on this generation's "
+                    f"{steps}-step sigmas, mapped by σ: compute steps {mapped} ({planned.budget} evaluations per "
+                    "branch)", ScheduleMappedWarning, stacklevel=2)
         self.branches = []
 
 
@@ -289,9 +315,9 @@ class MeanCacheHook(ScheduleHook):
     """Hands every step of an edge `t→s` the same average velocity `û(t→s)`, so the Euler steps
     compose to one jump; `û` reads the fresh `v_t` and the K-th previous compute step's velocity."""
 
-    def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
-        super().__init__(config, sigmas)
-        self.depth = max(config.schedule.orders)
+    @property
+    def depth(self) -> int:
+        return max(self.schedule.orders)
 
     def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
         index, end, order, damping = self.edges[step]
@@ -300,7 +326,7 @@ class MeanCacheHook(ScheduleHook):
         history.edge_velocity = v_t
         if order and damping:
             sigmas = self.sigmas()
-            p = self.config.schedule.compute_steps[index - order]
+            p = self.schedule.compute_steps[index - order]
             history.edge_velocity = mean_velocity(v_t, float(sigmas[step]), float(sigmas[end]),
                                                   history.velocities[p], float(sigmas[p]), damping)
         if self.depth:
@@ -321,8 +347,11 @@ class ReleaseEstimatorHook(ScheduleHook):
 
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
         super().__init__(config, sigmas)
-        self.depth = max([1, *config.schedule.orders]) + 1
         self.window = 1
+
+    @property
+    def depth(self) -> int:
+        return max([1, *self.schedule.orders]) + 1
 
     def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
         self.window = max(self.edges[step][2], 1)
@@ -348,14 +377,18 @@ class ReleaseEstimatorHook(ScheduleHook):
 HOOKS_BY_ESTIMATOR: dict[str, type[ScheduleHook]] = {"meancache": MeanCacheHook, "release": ReleaseEstimatorHook}
 
 
-def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> ScheduleHook:
+def apply_meancache(pipe: Any, schedule: Schedule | str | Path, strict: bool = False) -> ScheduleHook:
     """Make every later `pipe(...)` call run the cached sampler that `schedule` describes (its
-    `estimator` picks MeanCache's or the authors' release estimator)."""
+    `estimator` picks MeanCache's or the authors' release estimator).
+
+    A generation at another step count or resolution runs the schedule moved by σ onto its sigmas, with
+    as many evaluations per branch as planned (a `ScheduleMappedWarning` says so); `strict` refuses another
+    step count and takes the steps by index."""
     if not isinstance(schedule, Schedule):
         schedule = load_schedule(schedule)
     schedule.validate("schedule")
     hook_class = HOOKS_BY_ESTIMATOR[schedule.estimator]
-    hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer)), SigmaSource(pipe))
+    hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer), strict), SigmaSource(pipe))
     with _hooks_of(pipe) as registry:
         if registry.get_hook(MEANCACHE_HOOK) is not None:
             registry.remove_hook(MEANCACHE_HOOK, recurse=False)
