@@ -292,23 +292,30 @@ class ScheduleHook(SamplerHook):
         sigmas = self.sigmas()
         steps = len(sigmas) - 1
         planned = self.config.schedule
-        if self.config.strict and steps != planned.num_inference_steps:
+        if not self.config.strict:
+            self._map_onto(tuple(sigmas.detach().double().cpu().tolist()))
+        elif steps != planned.num_inference_steps:
             raise ScheduleMismatchError(
-                f"the schedule was planned for num_inference_steps={planned.num_inference_steps} but the pipeline "
-                f"runs {steps} steps: generate with {planned.num_inference_steps} steps or plan a schedule for "
-                f"{steps} (without strict it is mapped by σ)"
+                f"the schedule was planned for num_inference_steps={planned.num_inference_steps} but the pipeline runs "
+                f"{steps} steps: generate with {planned.num_inference_steps} steps or plan a schedule for {steps} "
+                "(without strict it is mapped by σ)"
             )
-        grid = tuple(sigmas.detach().double().cpu().tolist())
-        if not self.config.strict and grid != self.grid:
-            self.grid = grid
-            self._follow(schedule_on_sigmas(planned, np.asarray(grid)))
-            if self.schedule is not planned:
-                mapped = " ".join(map(str, self.schedule.compute_steps))
-                warnings.warn(
-                    f"the schedule planned for {planned.num_inference_steps} steps runs on this generation's "
-                    f"{steps}-step sigmas, mapped by σ: compute steps {mapped} ({planned.budget} evaluations per "
-                    "branch)", ScheduleMappedWarning, stacklevel=2)
         self.branches = []
+
+    def _map_onto(self, grid: tuple[float, ...]) -> None:
+        """Follow the schedule moved onto this generation's sigmas; once per new grid (another step count or
+        size), with a warning when it moved."""
+        if grid == self.grid:
+            return
+        self.grid = grid
+        planned = self.config.schedule
+        self._follow(schedule_on_sigmas(planned, np.asarray(grid)))
+        if self.schedule is not planned:
+            steps = " ".join(map(str, self.schedule.compute_steps))
+            warnings.warn(
+                f"the schedule planned for {planned.num_inference_steps} steps runs on this generation's "
+                f"{len(grid) - 1}-step sigmas, mapped by σ: compute steps {steps} ({planned.budget} evaluations per "
+                "branch)", ScheduleMappedWarning, stacklevel=3)
 
 
 class MeanCacheHook(ScheduleHook):
