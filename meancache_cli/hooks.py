@@ -13,12 +13,14 @@ Python state (step, branch, history) never becomes a guard that recompiles at ev
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
@@ -26,6 +28,7 @@ from .core.estimator import exponential_velocity, mean_velocity, release_velocit
 from .errors import MeanCacheError, ScheduleMismatchError
 from .files import Schedule, load_schedule
 from .models.adapters import ModelAdapter, adapter_for, unwrap_transformer
+from .planning import schedule_on_sigmas
 
 MEANCACHE_HOOK = "meancache"
 RECORDER_HOOK = "meancache_recorder"
@@ -245,20 +248,32 @@ def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
 
 @dataclass(frozen=True)
 class MeanCacheConfig:
-    """What the MeanCache hook needs: the schedule and how to read this model."""
+    """What the MeanCache hook needs: the schedule, how to read this model, and whether a schedule planned
+    for another step count is refused (`strict`) or moved by σ onto the run's sigmas."""
 
     schedule: Schedule
     adapter: ModelAdapter
+    strict: bool = False
+
+
+class ScheduleMappedWarning(UserWarning):
+    """A schedule runs on another grid than it was planned on: its compute steps were moved by σ."""
 
 
 class ScheduleHook(SamplerHook):
     """Runs the transformer only at the schedule's compute steps; the subclass says what every other
-    step gets instead of a model velocity."""
+    step gets instead of a model velocity. At each generation's start the schedule is put on the sigmas
+    the scheduler really made (`schedule_on_sigmas`), so it runs by σ at any step count and resolution."""
 
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
         super().__init__(config.adapter, sigmas)
         self.config = config
-        self.edges = {edge.start: (index, edge) for index, edge in enumerate(config.schedule.edges)}
+        self.grid: tuple[float, ...] | None = None
+        self._follow(config.schedule)
+
+    def _follow(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+        self.edges = {edge.start: (index, edge) for index, edge in enumerate(schedule.edges)}
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
         # Only the model call is traced under torch.compile: the three steps around it run eagerly.
@@ -297,14 +312,33 @@ class ScheduleHook(SamplerHook):
         raise NotImplementedError
 
     def _start_generation(self) -> None:
-        steps = len(self.sigmas()) - 1
-        expected = self.config.schedule.num_inference_steps
-        if steps != expected:
+        sigmas = self.sigmas()
+        steps = len(sigmas) - 1
+        planned = self.config.schedule
+        if not self.config.strict:
+            self._map_onto(tuple(sigmas.detach().double().cpu().tolist()))
+        elif steps != planned.num_inference_steps:
             raise ScheduleMismatchError(
-                f"the schedule was planned for num_inference_steps={expected} but the pipeline runs {steps} steps: "
-                f"generate with {expected} steps or plan a schedule for {steps}"
+                f"the schedule was planned for num_inference_steps={planned.num_inference_steps} but the pipeline runs "
+                f"{steps} steps: generate with {planned.num_inference_steps} steps or plan a schedule for {steps} "
+                "(without strict it is mapped by σ)"
             )
         self.branches = []
+
+    def _map_onto(self, grid: tuple[float, ...]) -> None:
+        """Follow the schedule moved onto this generation's sigmas; once per new grid (another step count or
+        size), with a warning when it moved."""
+        if grid == self.grid:
+            return
+        self.grid = grid
+        planned = self.config.schedule
+        self._follow(schedule_on_sigmas(planned, np.asarray(grid)))
+        if self.schedule is not planned:
+            steps = " ".join(map(str, self.schedule.compute_steps))
+            warnings.warn(
+                f"the schedule planned for {planned.num_inference_steps} steps runs on this generation's "
+                f"{len(grid) - 1}-step sigmas, mapped by σ: compute steps {steps} ({planned.budget} evaluations per "
+                "branch)", ScheduleMappedWarning, stacklevel=3)
 
 
 class MeanCacheHook(ScheduleHook):
@@ -312,10 +346,13 @@ class MeanCacheHook(ScheduleHook):
     compose to one jump; `û` reads the fresh `v_t` and the K-th previous compute step's velocity (and, for
     an exponential edge, both steps' latents)."""
 
-    def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
-        super().__init__(config, sigmas)
-        self.depth = max(config.schedule.orders)
-        self.keeps_latents = "exp" in config.schedule.kinds
+    @property
+    def depth(self) -> int:
+        return max(self.schedule.orders)
+
+    @property
+    def keeps_latents(self) -> bool:
+        return "exp" in self.schedule.kinds
 
     def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
         index, edge = self.edges[step]
@@ -324,7 +361,7 @@ class MeanCacheHook(ScheduleHook):
         history.edge_velocity = v_t
         if edge.kind != "reuse":
             sigmas = self.sigmas()
-            p = self.config.schedule.compute_steps[index - edge.order]
+            p = self.schedule.compute_steps[index - edge.order]
             sigma_p, sigma_t, sigma_s = float(sigmas[p]), float(sigmas[step]), float(sigmas[edge.end])
             if edge.kind == "exp":
                 history.edge_velocity = exponential_velocity(latents.float(), v_t, sigma_t, sigma_s,
@@ -353,8 +390,11 @@ class ReleaseEstimatorHook(ScheduleHook):
 
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
         super().__init__(config, sigmas)
-        self.depth = max([1, *config.schedule.orders]) + 1
         self.window = 1
+
+    @property
+    def depth(self) -> int:
+        return max([1, *self.schedule.orders]) + 1
 
     def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
         self.window = max(self.edges[step][1].order, 1)
@@ -380,14 +420,18 @@ class ReleaseEstimatorHook(ScheduleHook):
 HOOKS_BY_ESTIMATOR: dict[str, type[ScheduleHook]] = {"meancache": MeanCacheHook, "release": ReleaseEstimatorHook}
 
 
-def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> ScheduleHook:
+def apply_meancache(pipe: Any, schedule: Schedule | str | Path, strict: bool = False) -> ScheduleHook:
     """Make every later `pipe(...)` call run the cached sampler that `schedule` describes (its
-    `estimator` picks MeanCache's or the authors' release estimator)."""
+    `estimator` picks MeanCache's or the authors' release estimator).
+
+    A generation at another step count or resolution runs the schedule moved by σ onto its sigmas, with
+    as many evaluations per branch as planned (a `ScheduleMappedWarning` says so); `strict` refuses another
+    step count and takes the steps by index."""
     if not isinstance(schedule, Schedule):
         schedule = load_schedule(schedule)
     schedule.validate("schedule")
     hook_class = HOOKS_BY_ESTIMATOR[schedule.estimator]
-    hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer)), SigmaSource(pipe))
+    hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer), strict), SigmaSource(pipe))
     with _hooks_of(pipe) as registry:
         if registry.get_hook(MEANCACHE_HOOK) is not None:
             registry.remove_hook(MEANCACHE_HOOK, recurse=False)

@@ -10,7 +10,7 @@ from meancache_cli import Schedule, apply_meancache, load_schedule, remove_meanc
 from meancache_cli.calibration import MapSettings, run_calibration
 from meancache_cli.errors import ScheduleMismatchError
 from meancache_cli.generate import generate
-from meancache_cli.hooks import apply_evaluation_counter, apply_recorder, remove_recorder
+from meancache_cli.hooks import ScheduleMappedWarning, apply_evaluation_counter, apply_recorder, remove_recorder
 from meancache_cli.models.registry import load_pipeline, resolve_model
 
 PROMPT = "a red circle on a blue background"
@@ -143,8 +143,17 @@ def test_release_estimator_runs_its_own_hook_with_exactly_budget_forwards(pipe) 
     assert not np.allclose(cached, reused, atol=1e-6)  # windows 2 and 3 re-estimate inside their edges
 
 
-def test_schedule_for_other_step_count_is_refused(pipe) -> None:
+def test_schedule_for_other_step_count_is_mapped_by_sigma_or_refused_when_strict(pipe) -> None:
+    counter = ForwardCounter(pipe.transformer.x_embedder)
     apply_meancache(pipe, CACHED)
+    try:
+        with pytest.warns(ScheduleMappedWarning, match="planned for 12 steps runs on this generation's 8-step sigmas, "
+                          r"mapped by σ: compute steps 0 1 2 4 5 6 \(6 evaluations per branch\)"):
+            run(pipe, num_inference_steps=8)
+    finally:
+        remove_meancache(pipe)
+    assert counter.calls == B
+    apply_meancache(pipe, CACHED, strict=True)
     try:
         with pytest.raises(ScheduleMismatchError, match="planned for num_inference_steps=12 but the pipeline runs 8"):
             run(pipe, num_inference_steps=8)
