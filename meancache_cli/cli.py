@@ -722,7 +722,7 @@ def describe(error: Exception) -> str:
     return f"{type(error).__name__}: {message} (unexpected: run with --debug for the traceback, and report it)"
 
 
-LIBRARY_PARAMETERS = ("budget", "gamma", "cost", "kmax", "max_skip", "lambdas", "holdout", "max_runs", "runs")
+LIBRARY_PARAMETERS = ("budget", "gamma", "cost", "kmax", "max_skip", "lambdas", "holdout", "max_runs", "runs", "steps")
 
 
 def as_flags(message: str) -> str:

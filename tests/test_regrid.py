@@ -11,7 +11,6 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meancache_cli.planning import plan_schedule, schedule_on_sigmas
 from test_planner import random_costs
 from tiny import TINY_CALL, tiny_flux_pipeline
 
@@ -19,6 +18,7 @@ from meancache_cli.core.regrid import ShiftedGrid, fit_grid, grid_positions, map
 from meancache_cli.core.stability import EdgeMaps, defined_mask
 from meancache_cli.errors import FileFormatError, ScheduleMismatchError, UsageError
 from meancache_cli.files import Calibration, Schedule, parse_schedule
+from meancache_cli.planning import plan_schedule, schedule_on_sigmas
 
 QWEN_SCHEDULER = json.loads((Path(__file__).parents[1] / "meancache_cli/models/real_configs/qwen-image.json")
                             .read_text())["scheduler"]
@@ -209,15 +209,15 @@ def test_planning_for_fewer_steps_is_the_best_path_on_that_grid() -> None:
 def test_planning_refuses_more_steps_than_calibrated_and_grids_it_cannot_derive() -> None:
     sigmas = ShiftedGrid(3.0).sigmas(10)
     calibration = _calibration(random_costs(np.random.default_rng(0), 10, 2), sigmas)
-    with pytest.raises(UsageError, match="--steps 12 is more than the calibration's 10 steps: a calibration knows "
+    with pytest.raises(UsageError, match="steps=12 is more than the calibration's 10 steps: a calibration knows "
                                          "nothing finer than its own grid; calibrate with --steps 12, or plan for "
                                          "10 steps or fewer"):
         plan_schedule(calibration, 4, steps=12)
-    with pytest.raises(UsageError, match="--budget 7 is out of range: planning for 6 steps, use 1…6"):
+    with pytest.raises(UsageError, match="budget=7 is out of range: planning for 6 steps, use 1…6"):
         plan_schedule(calibration, 7, steps=6)
     karras = np.append(np.linspace(1.0, 0.05, 10) ** 3, 0.0)
     karras[0] = 1.0
-    with pytest.raises(UsageError, match="cannot plan for --steps 6 from this calibration: the sigmas are not a "
+    with pytest.raises(UsageError, match="cannot plan for steps=6 from this calibration: the sigmas are not a "
                                          "shifted even grid .* calibrate with --steps 6"):
         plan_schedule(_calibration(calibration.errors, karras), 3, steps=6)
     same = plan_schedule(calibration, 4, steps=10)
