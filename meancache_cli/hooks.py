@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .core.estimator import exponential_velocity, mean_velocity, release_velocity
 from .errors import MeanCacheError, ScheduleMismatchError
@@ -176,9 +177,29 @@ class BranchHistory:
     output: Any = None
 
 
+class CacheContextName(StateManager):
+    """The name a diffusers pipeline gives each denoiser call (`with transformer.cache_context("cond"):`).
+
+    diffusers hands the context to every `StateManager` of a stateful hook on the transformer; this one keeps
+    only the name, which keys the guidance branch's history (`None` where the pipeline sets no context).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(BaseState)
+        self.name: str | None = None
+
+    def set_context(self, context: CacheContext | None) -> None:
+        super().set_context(context)
+        self.name = None if context is None else context.name
+
+
 class SamplerHook(ModelHook):
     """Base of the hooks that follow the sampler: steps and guidance branches from each call's
-    timestep, a history per branch, and a clean state after every generation or aborted one."""
+    timestep, a history per branch, and a clean state after every generation or aborted one.
+
+    A branch is the pipeline's cache-context name ("cond", "uncond") where it sets one, else the call's
+    position within its step, so histories stay apart even when a pipeline calls its branches in another
+    order or skips one at some steps."""
 
     _is_stateful = True
 
@@ -187,7 +208,8 @@ class SamplerHook(ModelHook):
         self.adapter = adapter
         self.sigmas = sigmas
         self.tracker = StepTracker(adapter, sigmas)
-        self.branches: list[BranchHistory] = []
+        self.context = CacheContextName()
+        self.branches: dict[str | int, BranchHistory] = {}
         self.call: tuple[BranchHistory, int, torch.Tensor] | None = None  # the call in progress
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -196,7 +218,7 @@ class SamplerHook(ModelHook):
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.tracker.reset()
-        self.branches = []
+        self.branches = {}
         self.call = None
         return module
 
@@ -212,11 +234,13 @@ class SamplerHook(ModelHook):
         """The hook's own work for one transformer call."""
         raise NotImplementedError
 
+    def branch_key(self) -> str | int:
+        """The guidance branch of the current call: its cache-context name, else its position in the step."""
+        return self.context.name if self.context.name is not None else self.tracker.branch
+
     def branch_history(self) -> BranchHistory:
         """The history of the branch the current call belongs to."""
-        while len(self.branches) <= self.tracker.branch:
-            self.branches.append(BranchHistory())
-        return self.branches[self.tracker.branch]
+        return self.branches.setdefault(self.branch_key(), BranchHistory())
 
 
 class EvaluationCounterHook(ModelHook):
@@ -248,11 +272,33 @@ def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
 
 @dataclass(frozen=True)
 class MeanCacheConfig:
-    """What the MeanCache hook needs: the schedule, how to read this model, and whether a schedule planned
-    for another step count is refused (`strict`) or moved by σ onto the run's sigmas."""
+    r"""Configuration for MeanCache, applied with `apply_meancache(pipe, config)` (like diffusers'
+    `FirstBlockCacheConfig` with `apply_first_block_cache`).
 
-    schedule: Schedule
-    adapter: ModelAdapter
+    Args:
+        schedule (`Schedule`, `str` or `Path`):
+            Where the model runs and how each skipped step is estimated: a `Schedule` from `plan`, a schedule
+            file, or a shipped schedule's name such as `"demo/b10"`. Its `estimator` picks MeanCache's hook or
+            the authors' release estimator.
+        adapter (`ModelAdapter`, *optional*, defaults to `None`):
+            How to read σ from the transformer's timestep and the sign of its output. `None` finds it from the
+            transformer's class; pass one only for a transformer family MeanCache does not know.
+        strict (`bool`, defaults to `False`):
+            At another step count than planned, refuse the schedule (`ScheduleMismatchError`) instead of moving
+            its compute steps by σ onto the run's sigmas; at another resolution, take them by index.
+
+    Example:
+        >>> from meancache_cli import MeanCacheConfig, apply_meancache, remove_meancache
+        >>> from meancache_cli.models.demo import load_demo_pipeline
+        >>> pipe = load_demo_pipeline()
+        >>> hook = apply_meancache(pipe, MeanCacheConfig(schedule="demo/b10"))
+        >>> image = pipe("a red circle on a blue background", num_inference_steps=50, height=32, width=32,
+        ...              max_sequence_length=16, true_cfg_scale=4.0, negative_prompt="").images[0]
+        >>> remove_meancache(pipe)
+    """
+
+    schedule: Schedule | str | Path
+    adapter: ModelAdapter | None = None
     strict: bool = False
 
 
@@ -323,7 +369,7 @@ class ScheduleHook(SamplerHook):
                 f"{steps} steps: generate with {planned.num_inference_steps} steps or plan a schedule for {steps} "
                 "(without strict it is mapped by σ)"
             )
-        self.branches = []
+        self.branches = {}
 
     def _map_onto(self, grid: tuple[float, ...]) -> None:
         """Follow the schedule moved onto this generation's sigmas; once per new grid (another step count or
@@ -420,18 +466,18 @@ class ReleaseEstimatorHook(ScheduleHook):
 HOOKS_BY_ESTIMATOR: dict[str, type[ScheduleHook]] = {"meancache": MeanCacheHook, "release": ReleaseEstimatorHook}
 
 
-def apply_meancache(pipe: Any, schedule: Schedule | str | Path, strict: bool = False) -> ScheduleHook:
-    """Make every later `pipe(...)` call run the cached sampler that `schedule` describes (its
-    `estimator` picks MeanCache's or the authors' release estimator).
+def apply_meancache(pipe: Any, schedule: MeanCacheConfig | Schedule | str | Path, strict: bool = False) -> ScheduleHook:
+    """Make every later `pipe(...)` call run the cached sampler that `schedule` (or a `MeanCacheConfig`)
+    describes (its `estimator` picks MeanCache's or the authors' release estimator).
 
     A generation at another step count or resolution runs the schedule moved by σ onto its sigmas, with
     as many evaluations per branch as planned (a `ScheduleMappedWarning` says so); `strict` refuses another
     step count and takes the steps by index."""
-    if not isinstance(schedule, Schedule):
-        schedule = load_schedule(schedule)
-    schedule.validate("schedule")
-    hook_class = HOOKS_BY_ESTIMATOR[schedule.estimator]
-    hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer), strict), SigmaSource(pipe))
+    config = schedule if isinstance(schedule, MeanCacheConfig) else MeanCacheConfig(schedule, strict=strict)
+    plan = config.schedule if isinstance(config.schedule, Schedule) else load_schedule(config.schedule)
+    plan.validate("schedule")
+    config = replace(config, schedule=plan, adapter=config.adapter or adapter_for(pipe.transformer))
+    hook = HOOKS_BY_ESTIMATOR[plan.estimator](config, SigmaSource(pipe))
     with _hooks_of(pipe) as registry:
         if registry.get_hook(MEANCACHE_HOOK) is not None:
             registry.remove_hook(MEANCACHE_HOOK, recurse=False)
@@ -461,8 +507,8 @@ class RecorderHook(SamplerHook):
 
     def __init__(self, adapter: ModelAdapter, sigmas: SigmaSource) -> None:
         super().__init__(adapter, sigmas)
-        self.x0: list[torch.Tensor] = []
-        self.velocities: list[list[torch.Tensor]] = []
+        self.x0: dict[str | int, torch.Tensor] = {}
+        self.velocities: dict[str | int, list[torch.Tensor]] = {}
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
         latents = self._begin_call(args, kwargs)
@@ -472,21 +518,21 @@ class RecorderHook(SamplerHook):
     def _begin_call(self, args: tuple, kwargs: dict) -> torch.Tensor:
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
-            self.x0, self.velocities = [], []
+            self.x0, self.velocities = {}, {}
         return latents
 
     @torch.compiler.disable
     def _record(self, latents: torch.Tensor, output: Any) -> Any:
-        branch = self.tracker.branch
-        if branch == len(self.x0):
-            self.x0.append(latents.detach().float().cpu())
-            self.velocities.append([])
+        branch = self.branch_key()
+        if branch not in self.x0:
+            self.x0[branch] = latents.detach().float().cpu()
+            self.velocities[branch] = []
         self.velocities[branch].append(output_sample(output).detach().float().cpu() * self.adapter.output_sign)
         return output
 
     def trajectories(self) -> list[Trajectory]:
         """The last run's trajectories, one per guidance branch."""
-        return [Trajectory(x0, torch.stack(vs)) for x0, vs in zip(self.x0, self.velocities)]
+        return [Trajectory(self.x0[branch], torch.stack(self.velocities[branch])) for branch in self.x0]
 
 
 def apply_recorder(pipe: Any) -> RecorderHook:
