@@ -1,12 +1,14 @@
 """How hard the embedded "hard" model is: fewer-step Euler against the 50-step output, plain and with true CFG 4.
 
-Run: python docs/experiments/hard_model_check.py [--grid docs/experiments/hard_model_grid.png]
+Run: python docs/experiments/hard_model_check.py [--grid docs/experiments/hard_model_grid.png] [--demo-scheduler]
 16 held-out (prompt, seed) pairs: the bench's 8 evaluation prompts (none is a calibration prompt of
 configs/hard.yaml) with seeds 0 and 1. Per budget B (Euler with B steps, the pipeline's own scheduler): median,
 10th percentile and minimum latent PSNR (peak = the 50-step latent's max − min) and decoded PSNR against the
 50-step output, and on how many pairs the output lands on another mixture component than the 50-step run's
 (nearest component mean; "caption" counts those whose component belongs to another caption, e.g. another
-shape). Output: docs/experiments/hard_model_check.log.
+shape). Output: docs/experiments/hard_model_check.log; with --demo-scheduler (the same mixture sampled with the
+demo's scheduler, resolution-dependent shift 3, instead of the hard pipeline's static 0.8):
+hard_model_check_demo_scheduler.log.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from meancache_cli.bench.metrics import latent_psnr, psnr  # noqa: E402
 from meancache_cli.bench.prompts import SHAPES_EVAL  # noqa: E402
+from meancache_cli.models.demo import DEMO_DIR  # noqa: E402
 from meancache_cli.models.hard import HEIGHT, MAX_SEQUENCE_LENGTH, WIDTH, load_hard_pipeline  # noqa: E402
 
 SEEDS = (0, 1)
@@ -118,9 +122,12 @@ def per_pair(pipe, runs: dict, budget: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", help="also write a PNG grid: pairs by rows, 50 vs 10 steps, plain then CFG 4")
+    parser.add_argument("--demo-scheduler", action="store_true", help="sample with the demo pipeline's scheduler")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = load_hard_pipeline()
+    if args.demo_scheduler:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(DEMO_DIR / "scheduler")
     pipe.set_progress_bar_config(disable=True)
     pipe("a red circle on a blue background", height=HEIGHT, width=WIDTH, num_inference_steps=2,
          max_sequence_length=MAX_SEQUENCE_LENGTH)  # warm-up
@@ -133,9 +140,11 @@ def main() -> None:
                  max_sequence_length=MAX_SEQUENCE_LENGTH, **guidance)
         times[cfg] = (time.perf_counter() - start) / 5
     config = pipe.transformer.config
+    scheduler = ("the demo's, shift 3 at this size" if args.demo_scheduler
+                 else f"static shift {pipe.scheduler.config.shift}")
     print(f"hard model: {config.num_components} components, {len(config.captions)} captions, "
-          f"s = {config.data_std}, temperature = {config.temperature}, scheduler shift "
-          f"{pipe.scheduler.config.shift} (static); {HEIGHT}x{WIDTH}, latents "
+          f"s = {config.data_std}, temperature = {config.temperature}, scheduler: {scheduler}; "
+          f"{HEIGHT}x{WIDTH}, latents "
           f"{config.latent_tokens}x{config.in_channels}; torch {torch.__version__}, 1 thread")
     print(f"one 50-step generation (decoded to PIL), mean of 5: plain {times[1.0]:.3f} s, "
           f"true CFG 4 {times[4.0]:.3f} s\n")
