@@ -6,13 +6,14 @@ Every (shape, foreground, background) caption of the demo gets ``COMPONENTS_PER_
 ``demo.render`` at placements evenly spaced on a line through (size, x, y) placement space, seeded by (SEED,
 caption index); their VAE latents (posterior means), shifted and scaled the way FluxPipeline samples them,
 packed and stored as int8 steps of ``MEAN_STEP``, are the mixture means. Caption keys come from the demo's own
-text encoders. The scheduler is the demo's with a static shift ``SHIFT``. The difficulty knobs are the number
+text encoders. The scheduler is the demo's with a shift ``SHIFT`` at every size. The difficulty knobs are the number
 and spacing of components, ``DATA_STD``, ``TEMPERATURE`` and ``SHIFT`` (see ``hard.py`` and docs/models.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -135,9 +136,12 @@ def quantize(means: torch.Tensor) -> torch.Tensor:
 
 
 def scheduler(pipe) -> FlowMatchEulerDiscreteScheduler:
-    """The demo's flow-matching Euler scheduler with a static shift of SHIFT instead of its resolution-dependent
-    one (3 at 32x32)."""
-    return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False, shift=SHIFT)
+    """The demo's flow-matching Euler scheduler with a shift of SHIFT at every size instead of its
+    resolution-dependent one (3 at 32x32): dynamic shifting whose base and max shift are both log(SHIFT), so
+    FluxPipeline's `mu` is always log(SHIFT) — the multistep solvers (UniPC, DPM-Solver++), which FluxPipeline
+    can only drive with dynamic shifting, then step on the same sigmas."""
+    return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=True, shift=SHIFT,
+                                                       base_shift=math.log(SHIFT), max_shift=math.log(SHIFT))
 
 
 def build(pipe, components_per_caption: int = COMPONENTS_PER_CAPTION, data_std: float = DATA_STD,

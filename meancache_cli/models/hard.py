@@ -20,7 +20,7 @@ weight. The empty prompt (true CFG's negative branch) has feature 0 and so gives
 weight: the unconditional model is the whole mixture.
 
 Why it is hard: a trajectory decides late where on its caption's line it lands, and a coarse Euler step
-misjudges that; the pipeline's scheduler (``hard_pipeline/scheduler``, a static shift of 0.8 instead of the
+misjudges that; the pipeline's scheduler (``hard_pipeline/scheduler``, a shift of 0.8 at every size instead of the
 demo's 3) spaces a 10-step run's σ about evenly, coarse where those decisions are made.
 ``python -m meancache_cli.models.build_hard`` regenerates ``hard_pipeline/``; docs/models.md has the measured
 difficulty.
