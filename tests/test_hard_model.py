@@ -1,6 +1,7 @@
 """The shipped hard model: a closed-form Gaussian-mixture flow behind a real FluxPipeline."""
 
 import json
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -212,4 +213,9 @@ def test_the_build_script_reproduces_the_shipped_parameters(pipe) -> None:
     expected = build_hard.scheduler(demo_pipe).config
     assert {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")} == {
         k: v for k, v in expected.items() if not k.startswith("_")}
-    assert (expected.shift, expected.use_dynamic_shifting) == (build_hard.SHIFT, False)
+    # A shift of SHIFT at every size: dynamic shifting whose base and max shift are both log(SHIFT).
+    assert expected.use_dynamic_shifting and expected.base_shift == expected.max_shift == math.log(build_hard.SHIFT)
+    sigmas = pipe.scheduler.__class__.from_config(expected)
+    sigmas.set_timesteps(sigmas=np.linspace(1.0, 0.1, 10), mu=expected.base_shift)
+    tau = np.linspace(1.0, 0.1, 10)
+    np.testing.assert_allclose(sigmas.sigmas[:-1].numpy(), 0.8 * tau / (1 - 0.2 * tau), rtol=1e-6)
