@@ -58,5 +58,5 @@ def minmax_path(costs: np.ndarray, budget: int) -> Path:
     steps.reverse()
     starts, ends = steps[:-1], steps[1:]
     edge_costs = [float(weights[t, s]) for t, s in zip(starts, ends)]
-    return Path(compute_steps=starts, orders=[0] * budget, lambdas=[0.0] * budget, edge_costs=edge_costs,
-                objective=max(edge_costs))
+    return Path(compute_steps=starts, orders=[0] * budget, lambdas=[0.0] * budget, kinds=["reuse"] * budget,
+                edge_costs=edge_costs, objective=max(edge_costs))

@@ -98,7 +98,7 @@ class Method:
 
 def schedule_settings(schedule: Schedule) -> dict[str, Any]:
     return {"compute_steps": list(schedule.compute_steps), "orders": list(schedule.orders),
-            "lambdas": list(schedule.lambdas), "estimator": schedule.estimator}
+            "lambdas": list(schedule.lambdas), "kinds": list(schedule.kinds), "estimator": schedule.estimator}
 
 
 def meancache_method(key: str, schedule: Schedule, **settings: Any) -> Method:

@@ -236,7 +236,8 @@ def uniform_jvp_schedule(model: str, steps: int, budget: int, damping: float) ->
     """Evenly spaced compute steps with MeanCache's estimator (K = 1, damping λ) on every edge after the first."""
     schedule = uniform_schedule(model, steps, budget)
     orders = [0] + [1] * (budget - 1)
-    return replace(schedule, orders=orders, lambdas=[damping * k for k in orders])
+    return replace(schedule, orders=orders, lambdas=[damping * k for k in orders],
+                   kinds=["jvp" if k else "reuse" for k in orders])
 
 
 class Bench:
@@ -560,7 +561,7 @@ class Bench:
     def _schedule_key(method: Method) -> tuple:
         settings = method.settings
         return (tuple(settings["compute_steps"]), tuple(settings["orders"]), tuple(settings["lambdas"]),
-                settings["estimator"])
+                tuple(settings["kinds"]), settings["estimator"])
 
     def variant(self, tag: str, name: str, schedule: Schedule, references: References, kwargs: dict[str, Any],
                 **extra: Any) -> dict[str, Any]:
@@ -575,7 +576,8 @@ class Bench:
             summary, _ = self.evaluate(method, references, kwargs)
             self.variant_cache[key] = summary
         return {"variant": name, "compute_steps": list(schedule.compute_steps), "orders": list(schedule.orders),
-                "lambdas": list(schedule.lambdas), "predicted_cost": schedule.predicted_cost, **extra, **summary}
+                "lambdas": list(schedule.lambdas), "kinds": list(schedule.kinds),
+                "predicted_cost": schedule.predicted_cost, **extra, **summary}
 
     def ablations(self, tag: str, calibration: Calibration, references: References, kwargs: dict[str, Any]
                   ) -> dict[str, Any]:
