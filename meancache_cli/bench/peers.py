@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..files import Schedule
-from ..hooks import apply_meancache, remove_meancache
+from ..hooks import apply_evaluation_counter, apply_meancache, remove_meancache
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,15 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {
     "meancache": MethodInfo(
         "MeanCache", "ours",
-        "schedule planned by `plan_schedule`'s defaults (velocity cost, γ = 4, Kmax = 1, damping λ ∈ {½, 1} or "
-        "reuse chosen per edge) from calibration set A of the same configuration; û(t→s) from the JVP across the "
-        "fresh velocity"),
+        "the validated plan, `plan(calibration, B, pipe=…)` on calibration set A of the same configuration: every "
+        "candidate recipe (cost kind, γ, dampings λ, exponential edges) planned on the map runs, each distinct "
+        "schedule run cached on the held-out runs, the one with the best latent PSNR kept; û(t→s) per edge from "
+        "its estimate (reuse, the damped JVP across the fresh velocity, or the exponential integrator)"),
+    "meancache_default": MethodInfo(
+        "MeanCache, default recipe, not validated", "ablation",
+        "`plan(calibration, B)` without a pipeline: the default recipe (velocity cost, γ = 4, damping λ ∈ {½, 1} "
+        "or reuse chosen per edge) from the same calibration, no validation; the effect of validation is the "
+        "difference to the MeanCache row"),
     "euler": MethodInfo("Euler (B steps)", "solver", "the pipeline's own Euler scheduler with num_inference_steps = B"),
     "unipc": MethodInfo(
         "UniPC (B steps)", "solver",
@@ -70,7 +76,7 @@ METHODS: dict[str, MethodInfo] = {
 
 SOLVERS = ("euler", "unipc", "dpmpp")
 
-SCHEDULE_METHODS = ("meancache", "reuse", "planner_k0", "minmax", "release", "authors")
+SCHEDULE_METHODS = ("meancache", "meancache_default", "reuse", "planner_k0", "minmax", "release", "authors")
 
 
 @dataclass
@@ -258,20 +264,35 @@ class FullEvaluationCounter:
     A forward pre-hook on the first sub-module of the transformer's last block: the block-level caches
     (FirstBlockCache, MagCache, TaylorSeer-lite) still call the block module when they skip it and
     return cached tensors from their hook, so a hook on the block itself would count skipped steps;
-    its inner modules run only when the whole model really runs.
+    its inner modules run only when the whole model really runs. A transformer without blocks (the
+    embedded hard model computes its velocity in closed form) gives those caches nothing to hook: there
+    the innermost hook on the transformer counts (`hooks.apply_evaluation_counter`), beneath MeanCache's.
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
-        block = last_block(transformer)
-        self.probe = next(module for module in block.children() if any(True for _ in module.parameters()))
-        self.count = 0
-        self.handle = self.probe.register_forward_pre_hook(self._count)
+    def __init__(self, pipe: Any) -> None:
+        self.hook: Any = None
+        self.handle: Any = None
+        self.calls = 0
+        try:
+            block = last_block(pipe.transformer)
+        except ValueError:
+            self.pipe = pipe
+            self.hook = apply_evaluation_counter(pipe)
+            self.start = self.hook.evaluations
+            return
+        probe = next(module for module in block.children() if any(True for _ in module.parameters()))
+        self.handle = probe.register_forward_pre_hook(self._count)
+
+    @property
+    def count(self) -> int:
+        return self.hook.evaluations - self.start if self.hook is not None else self.calls
 
     def _count(self, module: torch.nn.Module, args: tuple) -> None:
-        self.count += 1
+        self.calls += 1
 
     def remove(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def last_block(transformer: torch.nn.Module) -> torch.nn.Module:
