@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	mkdir -p out
 	$(BIN)/meancache calibrate --model demo --out out/demo-calibration.safetensors
-	$(BIN)/meancache plan --calibration out/demo-calibration.safetensors --budget 10 --out out/demo-schedule.yaml
+	$(BIN)/meancache plan --calibration out/demo-calibration.safetensors --budget 10 --model demo --out out/demo-schedule.yaml
 	$(BIN)/meancache generate --model demo --prompt "a yellow star on a purple background" --seed 7 \
 		--schedule out/demo-schedule.yaml --out out/demo.png --compare
 

@@ -102,7 +102,7 @@ def reference_run(pipe: Any, recorder: RecorderHook, prompt: str, seed: int, cal
                   callback_on_step_end=step_callback(on_step), **call_kwargs)
     trajectories = recorder.trajectories()
     if held_out:
-        final = torch.as_tensor(result.images).float().cpu().numpy()
+        final = torch.as_tensor(result.frames if hasattr(result, "frames") else result.images).float().cpu().numpy()
         return RunRecord(held_out=HeldOutRun(prompt, seed, trajectories[0].x0.numpy(), final))
     maps = settings.maps(pipe.scheduler.sigmas.double().cpu().numpy())
     for trajectory in trajectories:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -65,13 +66,16 @@ def test_cli_calibrate_plan_generate(tiny, capsys, tmp_path) -> None:
     options = cli_options(model)
     calibration = tmp_path / "cal.safetensors"
     calibrated = run_cli(["calibrate", "--model", directory, "--prompt", PROMPT, "--prompt", "a green star",
-                          "--seeds", "0", "--steps", str(N), "--max-back", "2", *options, "--out", str(calibration),
-                          "--json"], capsys)
+                          "--seeds", "0,1", "--holdout", "1", "--steps", str(N), "--max-back", "2", *options, "--out",
+                          str(calibration), "--json"], capsys)
     assert calibrated.code == 0, calibrated.stderr
-    assert json.loads(calibrated.stdout)["trajectories"] == 2 * model.branches
+    assert json.loads(calibrated.stdout)["trajectories"] == 3 * model.branches  # 4 runs, 1 held out
     schedule = tmp_path / "s.yaml"
-    planned = run_cli(["plan", "--calibration", str(calibration), "--budget", "3", "--out", str(schedule)], capsys)
+    planned = run_cli(["plan", "--calibration", str(calibration), "--budget", "3", "--model", directory, "--out",
+                       str(schedule), "--json"], capsys)
     assert planned.code == 0, planned.stderr
+    validation = json.loads(planned.stdout)["validation"]
+    assert validation["runs"] == 1 and all(math.isfinite(c["score"]) for c in validation["candidates"])
     out = tmp_path / ("video.gif" if model.frames else "image.png")
     generated = run_cli(["generate", "--model", directory, "--schedule", str(schedule), "--prompt", PROMPT,
                          *options, "--out", str(out), "--json"], capsys)

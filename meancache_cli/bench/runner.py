@@ -319,7 +319,7 @@ def uniform_jvp_schedule(model: str, steps: int, budget: int, damping: float) ->
     schedule = uniform_schedule(model, steps, budget)
     orders = [0] + [1] * (budget - 1)
     return replace(schedule, orders=orders, lambdas=[damping * k for k in orders],
-                   kinds=["jvp" if k else "reuse" for k in orders])
+                   kinds=["jvp" if k and damping else "reuse" for k in orders])
 
 
 class Bench:

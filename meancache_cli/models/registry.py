@@ -33,7 +33,7 @@ class ModelSpec:
     fps: int | None = None
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration_prompts: list[str] = field(default_factory=list)
-    calibration_seeds: list[int] = field(default_factory=lambda: [1000, 1001])
+    calibration_seeds: list[int] = field(default_factory=lambda: [1000, 1001, 1002])
     # Transformer config values that tell this family from another with the same pipeline class
     # (FLUX.1 [dev] embeds guidance, [schnell] does not); matched against a saved pipeline directory.
     transformer_config: dict[str, Any] = field(default_factory=dict)
