@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .calibration import calibrate
     from .files import Calibration, Schedule, load_calibration, load_schedule, save_schedule
-    from .hooks import apply_meancache, remove_meancache
+    from .hooks import MeanCacheConfig, apply_meancache, remove_meancache
     from .planning import plan
 
 _EXPORTS = {
     "Calibration": "files", "Schedule": "files", "load_calibration": "files", "load_schedule": "files",
     "save_schedule": "files", "apply_meancache": "hooks", "remove_meancache": "hooks", "calibrate": "calibration",
-    "plan": "planning",
+    "plan": "planning", "MeanCacheConfig": "hooks",
 }
 __all__ = [
-    "Calibration", "Schedule", "apply_meancache", "calibrate", "load_calibration", "load_schedule", "plan",
-    "remove_meancache", "save_schedule",
+    "Calibration", "MeanCacheConfig", "Schedule", "apply_meancache", "calibrate", "load_calibration",
+    "load_schedule", "plan", "remove_meancache", "save_schedule",
 ]
 
 

@@ -43,6 +43,7 @@ def run_batch(
     batch_size: int = 1,
     world: World | None = None,
     on_image: Callable[[], None] | None = None,
+    strict: bool = False,
 ) -> int:
     """Generate this rank's jobs whose output does not exist yet; returns how many were generated.
 
@@ -53,7 +54,8 @@ def run_batch(
     part = _rank_manifest(jobs[0].path.parent, world.rank) if jobs else None
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        result = generate(pipe, [job.prompt for job in chunk], [job.seed for job in chunk], call_kwargs, schedule)
+        result = generate(pipe, [job.prompt for job in chunk], [job.seed for job in chunk], call_kwargs, schedule,
+                          strict=strict)
         for job, image in zip(chunk, result.images):
             record = {"index": job.index, "prompt": job.prompt, "seed": job.seed, "file": job.path.name,
                       "nfe": result.nfe, "seconds": result.seconds, "batch": len(chunk),
@@ -90,7 +92,7 @@ def pending_jobs(jobs: list[Job], world: World) -> list[Job]:
 
 def generate_batch(pipe: Any, spec: ModelSpec, jobs: list[Job], call_kwargs: dict[str, Any],
                    schedule: Schedule | None, out_dir: Path, batch_size: int, world: World, fps: int | None,
-                   on_image: Callable[[], None] | None = None) -> dict[str, Any] | None:
+                   on_image: Callable[[], None] | None = None, strict: bool = False) -> dict[str, Any] | None:
     """Every job into `out_dir/` (images or videos by the model's kind), then the merged manifest.
 
     Returns the summary on rank 0 and None on the other ranks, which leave reporting to rank 0.
@@ -104,7 +106,7 @@ def generate_batch(pipe: Any, spec: ModelSpec, jobs: list[Job], call_kwargs: dic
         else:
             save_image(item, path, {**provenance, **record})
 
-    done = run_batch(pipe, jobs, call_kwargs, schedule, save, batch_size, world, on_image=on_image)
+    done = run_batch(pipe, jobs, call_kwargs, schedule, save, batch_size, world, on_image=on_image, strict=strict)
     world.barrier()
     if not world.is_main:
         return None

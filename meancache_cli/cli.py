@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -377,6 +378,8 @@ def plan(
     max_skip: Annotated[int | None, typer.Option("--max-skip", help="Longest edge in steps.")] = None,
     kmax: Annotated[int, typer.Option(
         help="Largest order K: 0 = velocity reuse only, 1 = the JVP from the previous compute step.")] = 1,
+    steps: Annotated[int | None, typer.Option(
+        help="Sampler steps to plan for, at most the calibration's (default: the calibration's).")] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
     out: Annotated[str, typer.Option("--out", help="Schedule file to write, or - for stdout.")] = "-",
@@ -392,6 +395,8 @@ def plan(
     if as_json and to_stdout:
         raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
     check_output_directory(out)
+    if steps is not None:
+        check_steps(steps)
     cal = load_calibration(calibration)
     recipe = {"cost": cost, "gamma": gamma, "exponential": exponential,
               "lambdas": parse_lambdas(lambdas) if lambdas is not None else None}
@@ -405,7 +410,7 @@ def plan(
         pipe = load(spec, device, dtype, False, cal.call_kwargs)
     with progress_bar("validating on held-out runs", None, enabled=pipe is not None) as advance:
         schedule = make_plan(cal, budget, pipe, max_skip=max_skip, kmax=kmax, calibration_path=calibration,
-                             on_run=advance, **recipe)
+                             on_run=advance, steps=steps, **recipe)
     if schedule.calibration is not None and not to_stdout:
         schedule = replace(schedule, calibration={**schedule.calibration, "path": reference_from(out, calibration)})
     save_schedule(schedule, out)
@@ -420,7 +425,8 @@ def plan(
             "   (reuse v_t; jvp λ: the damped JVP; exp: the exponential integrator)\n"
             f"edge costs:    {' '.join(f'{c:.3g}' for c in schedule.edge_costs)}   ({schedule.cost} error)\n"
             f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ = {schedule.gamma:g}\n"
-            f"{schedule.budget} of {steps} steps, ideal speed-up {steps / schedule.budget:.1f}x")
+            f"{schedule.budget} of {steps} steps, ideal speed-up {steps / schedule.budget:.1f}x"
+            + (f"\n{schedule.notes}" if schedule.notes else ""))
     if schedule.validation is not None:
         text += "\n" + validation_text(schedule.validation)
     emit(summary, as_json, text, to_stderr=to_stdout)
@@ -463,7 +469,10 @@ def generate(
     budget: Annotated[int | None, typer.Option(
         "--budget", help="Use the shipped schedule for this model and budget (no calibration needed).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Run the uncached pipeline.")] = False,
-    steps: Annotated[int | None, typer.Option(help="Sampler steps N (the schedule's if omitted).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Sampler steps N (the schedule's if omitted; another N runs the schedule mapped by σ).")] = None,
+    strict_schedule: Annotated[bool, typer.Option(
+        "--strict-schedule", help="Refuse a schedule planned for other steps instead of mapping it by σ.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     height: HeightOption = None,
     width: WidthOption = None,
@@ -524,7 +533,7 @@ def generate(
                                   guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     if plan is not None:
         for message in check_schedule(plan, spec.name, steps, kwargs.get("height"), kwargs.get("width"),
-                                      spec.family):
+                                      spec.family, strict_schedule):
             warn(message)
     check_vocabulary(spec, [prompt] if prompts is None else prompt_list)
     world = current_world()
@@ -535,13 +544,14 @@ def generate(
         jobs = plan_jobs(prompt_list, seed, out, ".gif" if video else ".png")
         mine = len(pending_jobs(jobs, world))
         with progress_bar(f"generating {mine} outputs", mine, enabled=world.is_main) as advance:
-            done = generate_batch(pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, on_image=advance)
+            done = generate_batch(pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, on_image=advance,
+                                  strict=strict_schedule)
         if done is not None:
             emit(done, as_json, f"wrote {done.pop('written')} outputs to {out} (manifest.jsonl); "
                  f"{done['generated']} generated here")
         return
     with progress_bar("generating", steps) as advance:
-        result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance)
+        result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance, strict=strict_schedule)
     provenance = {"model": spec.name, "prompt": prompt, "seed": seed, "steps": steps, "nfe": result.nfe,
                   "schedule_sha256": plan.sha256() if plan else None}
     summary = {"output": str(out), "nfe": result.nfe, "steps": steps, "seconds": result.seconds,
@@ -555,7 +565,7 @@ def generate(
     if compare and plan is not None:
         with progress_bar("timing cached vs uncached", 2 * repeat + 2) as advance:
             summary.update(compare_with_uncached(pipe, prompt, seed, kwargs, plan, result.images[0], repeat,
-                                                 on_run=advance))
+                                                 on_run=advance, strict=strict_schedule))
         text += (f"\nuncached: {summary['reference_nfe']} evaluations; speed-up {summary['speedup']:.2f}x "
                  f"(median of {repeat}); PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} vs uncached"
                  f"\n{summary['euler_steps']}-step Euler ({summary['euler_nfe']} evaluations, as cached): "
@@ -587,8 +597,10 @@ def bench(
     )] = False,
     families: Annotated[str | None, typer.Option(
         "--families", help="With --real-size: comma-separated subset of flux,qwen-image,wan,hunyuanvideo.")] = None,
-    compile_mode: Annotated[str, typer.Option(
-        "--compile", help="With --real-size: regional (repeated blocks), whole (the forward) or none.")] = "regional",
+    compile_mode: Annotated[str | None, typer.Option("--compile", help=(
+        "With --real-size: the compiled rows, comma-separated: regional (repeated blocks), whole (the forward), "
+        "module (transformer.compile()), wrapped (torch.compile(transformer)); or none. Default: "
+        "regional,module,wrapped."))] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Benchmark MeanCache against every peer on one model, prompts and seeds, in one process;
@@ -599,7 +611,7 @@ def bench(
     from .bench.runner import default_report_path
     from .outputs import check_output_folder
 
-    if not real_size and (reduced or families or compile_mode != "regional"):
+    if not real_size and (reduced or families or compile_mode is not None):
         raise UsageError("--reduced, --families and --compile apply only with --real-size")
     check_output_folder(out)
     if real_size:
@@ -616,17 +628,17 @@ def bench(
 
 
 def bench_real_size(out: Path, report: Path | None, budgets: tuple[int, ...] | None, steps: int | None,
-                    repeats: int | None, device: str | None, reduced: bool, families: str | None, compile_mode: str,
-                    quick: bool, model: str, as_json: bool) -> None:
+                    repeats: int | None, device: str | None, reduced: bool, families: str | None,
+                    compile_mode: str | None, quick: bool, model: str, as_json: bool) -> None:
     """`bench --real-size`: measure, merge into OUT/realsize.json, rewrite the report's real-size section."""
-    from .bench.realsize import run_real_size
+    from .bench.realsize import DEFAULT_COMPILE, run_real_size
     from .bench.realsize_report import summary, write_real_size
     from .bench.runner import default_report_path
 
     if quick or model != "demo":
         raise UsageError("--quick and --model do not apply to --real-size: use --repeats 1 and --families")
     report = report or default_report_path(out)
-    results = run_real_size(families, device, reduced, steps, budgets, repeats, compile_mode,
+    results = run_real_size(families, device, reduced, steps, budgets, repeats, compile_mode or DEFAULT_COMPILE,
                             log=lambda line: stderr.print(line, highlight=False),
                             on_result=lambda partial: write_real_size(partial, out, report))
     rows, text = summary(results)
@@ -711,7 +723,7 @@ def describe(error: Exception) -> str:
     return f"{type(error).__name__}: {message} (unexpected: run with --debug for the traceback, and report it)"
 
 
-LIBRARY_PARAMETERS = ("budget", "gamma", "cost", "kmax", "max_skip", "lambdas", "holdout", "max_runs", "runs")
+LIBRARY_PARAMETERS = ("budget", "gamma", "cost", "kmax", "max_skip", "lambdas", "holdout", "max_runs", "runs", "steps")
 
 
 def as_flags(message: str) -> str:
@@ -724,6 +736,9 @@ def main() -> None:
     """Entry point: one-line errors with documented exit codes (2 usage, 1 runtime, 130 interrupted)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # torchao, when installed, logs at import (inside `import diffusers`) the kernels it cannot load here.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     raise_on_signals()
     try:
         code = app(standalone_mode=False, prog_name="meancache")

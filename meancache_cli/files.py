@@ -248,7 +248,9 @@ class Schedule:
     it reads) and `lambdas[i]` the JVP's damping λ (0 for reuse, 1 for exp). `estimator: release`: `orders[i]`
     is the authors' sliding window (1 = reuse, 0 on edges without a skipped step), `lambdas` are all 0 and
     `kinds` all reuse. `validation`, when the plan was validated, holds every candidate recipe's measured
-    score on held-out calibration runs and which one was chosen.
+    score on held-out calibration runs and which one was chosen. `sigmas` (optional, written by `plan`): the
+    N + 1 sigmas it was planned on, so it can be applied by σ at another step count or resolution; without
+    them its steps are taken on the run's own grid.
     """
 
     model: str
@@ -269,6 +271,7 @@ class Schedule:
     notes: str | None = None
     kinds: list[str] = field(default_factory=list)
     validation: dict[str, Any] | None = None
+    sigmas: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not self.lambdas and self.estimator == "meancache":
@@ -340,9 +343,15 @@ class Schedule:
             raise FileFormatError(f"{source}: 'cost' must be one of {', '.join(COST_KINDS)}, not {self.cost!r}")
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
             raise FileFormatError(f"{source}: 'gamma' must be a finite number ≥ 0, not {self.gamma}")
+        if self.sigmas is not None and (len(self.sigmas) != n + 1 or not all(map(math.isfinite, self.sigmas))
+                                        or any(b >= a for a, b in zip(self.sigmas, self.sigmas[1:]))):
+            raise FileFormatError(f"{source}: 'sigmas' must be num_inference_steps + 1 = {n + 1} finite, strictly "
+                                  "decreasing numbers (or be left out)")
 
     def to_yaml(self) -> str:
         data = {"format_version": FORMAT_VERSION, "kind": SCHEDULE_KIND, "budget": self.budget, **asdict(self)}
+        if self.sigmas is None:
+            del data["sigmas"]  # optional: a schedule without them reads and hashes as before
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100, allow_unicode=True)
 
     def sha256(self) -> str:
@@ -388,6 +397,12 @@ def parse_schedule(text: str, source: str) -> Schedule:
             f"{source}: 'budget' is {budget} but 'compute_steps' lists {len(values['compute_steps'])} steps"
         )
     values["gamma"] = float(values["gamma"])
+    sigmas = data.get("sigmas")
+    if sigmas is not None:
+        if not (isinstance(sigmas, list)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigmas)):
+            raise FileFormatError(f"{source}: 'sigmas' must be a list of numbers (or be left out)")
+        values["sigmas"] = [float(v) for v in sigmas]
     values["predicted_cost"] = float(values["predicted_cost"])
     schedule = Schedule(**values)
     schedule.validate(source)

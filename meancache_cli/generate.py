@@ -15,6 +15,11 @@ from .errors import ScheduleMismatchError
 from .files import Schedule
 from .hooks import apply_evaluation_counter, apply_meancache, remove_meancache
 
+# What a schedule lost at another resolution, mapped by σ (docs/experiments/transfer.log, README).
+RESOLUTION_TRANSFER = ("on the demo model (32 vs 64 px) that lost 1.0 dB on average and up to 4.7 dB against a "
+                       "schedule planned at the run's size (by index 1.8 dB): calibrate at this size for the best "
+                       "schedule")
+
 
 @dataclass
 class Generation:
@@ -27,24 +32,40 @@ class Generation:
 
 
 def check_schedule(schedule: Schedule, model: str, steps: int, height: int | None, width: int | None,
-                   family: str | None = None) -> list[str]:
-    """Refuse a schedule planned for another model (a saved pipeline's family counts as its own) or step
-    count; warn about another resolution."""
+                   family: str | None = None, strict: bool = False) -> list[str]:
+    """Refuse a schedule planned for another model (a saved pipeline's family counts as its own); say how
+    one planned for another step count or resolution runs here (moved by σ), or with `strict` refuse
+    another step count and take the steps by index."""
     if schedule.model not in (model, family):
         raise ScheduleMismatchError(
             f"the schedule was planned for model '{schedule.model}' but this run uses '{model}': "
             f"plan a schedule from a calibration of '{model}'"
         )
-    if schedule.num_inference_steps != steps:
-        raise ScheduleMismatchError(
-            f"the schedule was planned for {schedule.num_inference_steps} steps but this run uses --steps {steps}: "
-            f"use --steps {schedule.num_inference_steps} or plan for {steps} steps"
-        )
+    messages = []
+    planned_steps = schedule.num_inference_steps
+    if planned_steps != steps:
+        if strict:
+            raise ScheduleMismatchError(
+                f"the schedule was planned for {planned_steps} steps but this run uses --steps {steps}: "
+                f"use --steps {planned_steps} or plan for {steps} steps (without --strict-schedule it is mapped by σ)"
+            )
+        if schedule.budget > steps:
+            raise ScheduleMismatchError(
+                f"the schedule makes {schedule.budget} evaluations per branch but --steps {steps} is fewer: use "
+                f"--steps {schedule.budget} or more, or a schedule with a smaller budget")
+        messages.append(f"the schedule was planned for {planned_steps} steps, this run uses --steps {steps}: its "
+                        f"compute steps are mapped by σ onto the {steps}-step grid, {schedule.budget} evaluations per "
+                        "branch as planned (--strict-schedule refuses instead)")
     planned = (schedule.height, schedule.width)
     if None not in planned and planned != (height, width):
-        return [f"the schedule was planned at {planned[0]}x{planned[1]}, this run is {height}x{width}: "
-                "the sigmas differ, expect lower quality"]
-    return []
+        where = f"the schedule was planned at {planned[0]}x{planned[1]}, this run is {height}x{width}"
+        if strict or schedule.sigmas is None:
+            why = "--strict-schedule" if strict else "the schedule records no sigmas (plan it again to map it by σ)"
+            messages.append(f"{where}: {why}, so its steps are taken by index on other sigmas; expect lower quality")
+        else:
+            messages.append(f"{where}: its compute steps are mapped by σ onto this run's sigmas; "
+                            f"{RESOLUTION_TRANSFER}")
+    return messages
 
 
 def generate(
@@ -55,8 +76,9 @@ def generate(
     schedule: Schedule | None = None,
     on_step: StepCallback | None = None,
     output_type: str = "pil",
+    strict: bool = False,
 ) -> Generation:
-    """Run the pipeline once; with a schedule, through the MeanCache hook.
+    """Run the pipeline once; with a schedule, through the MeanCache hook (`strict`: see `apply_meancache`).
 
     A list of prompts with a list of seeds is one batched call in which image i is drawn from seed i.
     """
@@ -65,7 +87,7 @@ def generate(
     remove_meancache(pipe)
     counter = apply_evaluation_counter(pipe)
     if schedule is not None:
-        apply_meancache(pipe, schedule)
+        apply_meancache(pipe, schedule, strict)
     before = counter.evaluations
     start = time.perf_counter()
     try:
@@ -80,14 +102,15 @@ def generate(
 
 
 def compare_with_uncached(pipe: Any, prompt: str, seed: int, call_kwargs: dict[str, Any], schedule: Schedule,
-                          output: Any, repeat: int, on_run: Callable[[], None] | None = None) -> dict[str, Any]:
+                          output: Any, repeat: int, on_run: Callable[[], None] | None = None,
+                          strict: bool = False) -> dict[str, Any]:
     """Quality of a cached `output` against the uncached run, and the wall-clock ratio of the two:
     medians of `repeat` alternating runs in this process, after the reference run as a warm-up; and
     the quality of plain B-step Euler at the same number of evaluations."""
     from .bench.metrics import compare
 
     def timed(plan: Schedule | None) -> Generation:
-        result = generate(pipe, prompt, seed, call_kwargs, plan)
+        result = generate(pipe, prompt, seed, call_kwargs, plan, strict=strict)
         if on_run is not None:
             on_run()
         return result

@@ -4,24 +4,32 @@ Both see every transformer call. The scheduler's step index says which sampler s
 to; further calls within one step are guidance branches (true CFG calls the transformer once per
 branch), and each branch keeps its own history. σ values come from the pipeline's scheduler at run time, so
 the estimator uses the sigmas the sampler really steps through.
+
+Under `torch.compile` (`transformer.compile()`, `torch.compile(transformer)`) the hooks run inside the compiled
+call: their bookkeeping is `torch.compiler.disable`d, so dynamo traces only the model's own forward and the per-step
+Python state (step, branch, history) never becomes a guard that recompiles at every step.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .core.estimator import exponential_velocity, mean_velocity, release_velocity
 from .errors import MeanCacheError, ScheduleMismatchError
 from .files import Schedule, load_schedule
-from .models.adapters import ModelAdapter, adapter_for
+from .models.adapters import ModelAdapter, adapter_for, unwrap_transformer
+from .planning import schedule_on_sigmas
 
 MEANCACHE_HOOK = "meancache"
 RECORDER_HOOK = "meancache_recorder"
@@ -50,8 +58,10 @@ def _hooks_of(pipe: Any) -> Iterator[HookRegistry]:
     `enable_model_cpu_offload` wraps `transformer.forward`, and the pipeline re-creates that wrapper at
     the end of every call around the forward it wrapped first: a hook registered on top of it would be
     dropped after one generation. So the wrapper is lifted off while hooks change and put back on top.
+    Beneath `torch.compile(transformer)` the hooks go on the model itself, where the pipeline's `cache_context` and
+    hook resets reach them.
     """
-    module = pipe.transformer
+    module = unwrap_transformer(pipe.transformer)
     offload = getattr(module, "_hf_hook", None)
     if offload is not None:
         from accelerate.hooks import remove_hook_from_module
@@ -67,7 +77,7 @@ def _hooks_of(pipe: Any) -> Iterator[HookRegistry]:
 
 
 def _remove_hook(pipe: Any, name: str) -> None:
-    if HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(name) is None:
+    if HookRegistry.check_if_exists_or_initialize(unwrap_transformer(pipe.transformer)).get_hook(name) is None:
         return
     with _hooks_of(pipe) as registry:
         registry.remove_hook(name, recurse=False)
@@ -167,9 +177,29 @@ class BranchHistory:
     output: Any = None
 
 
+class CacheContextName(StateManager):
+    """The name a diffusers pipeline gives each denoiser call (`with transformer.cache_context("cond"):`).
+
+    diffusers hands the context to every `StateManager` of a stateful hook on the transformer; this one keeps
+    only the name, which keys the guidance branch's history (`None` where the pipeline sets no context).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(BaseState)
+        self.name: str | None = None
+
+    def set_context(self, context: CacheContext | None) -> None:
+        super().set_context(context)
+        self.name = None if context is None else context.name
+
+
 class SamplerHook(ModelHook):
     """Base of the hooks that follow the sampler: steps and guidance branches from each call's
-    timestep, a history per branch, and a clean state after every generation or aborted one."""
+    timestep, a history per branch, and a clean state after every generation or aborted one.
+
+    A branch is the pipeline's cache-context name ("cond", "uncond") where it sets one, else the call's
+    position within its step, so histories stay apart even when a pipeline calls its branches in another
+    order or skips one at some steps."""
 
     _is_stateful = True
 
@@ -178,7 +208,9 @@ class SamplerHook(ModelHook):
         self.adapter = adapter
         self.sigmas = sigmas
         self.tracker = StepTracker(adapter, sigmas)
-        self.branches: list[BranchHistory] = []
+        self.context = CacheContextName()
+        self.branches: dict[str | int, BranchHistory] = {}
+        self.call: tuple[BranchHistory, int, torch.Tensor] | None = None  # the call in progress
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self.forward_args = ForwardArgs(module.forward, self.adapter)
@@ -186,7 +218,8 @@ class SamplerHook(ModelHook):
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.tracker.reset()
-        self.branches = []
+        self.branches = {}
+        self.call = None
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -201,11 +234,13 @@ class SamplerHook(ModelHook):
         """The hook's own work for one transformer call."""
         raise NotImplementedError
 
+    def branch_key(self) -> str | int:
+        """The guidance branch of the current call: its cache-context name, else its position in the step."""
+        return self.context.name if self.context.name is not None else self.tracker.branch
+
     def branch_history(self) -> BranchHistory:
         """The history of the branch the current call belongs to."""
-        while len(self.branches) <= self.tracker.branch:
-            self.branches.append(BranchHistory())
-        return self.branches[self.tracker.branch]
+        return self.branches.setdefault(self.branch_key(), BranchHistory())
 
 
 class EvaluationCounterHook(ModelHook):
@@ -215,6 +250,7 @@ class EvaluationCounterHook(ModelHook):
         super().__init__()
         self.evaluations = 0
 
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         self.evaluations += 1
         return args, kwargs
@@ -222,7 +258,7 @@ class EvaluationCounterHook(ModelHook):
 
 def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
     """Count real evaluations of `pipe.transformer`; call before applying a cache hook."""
-    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    registry = HookRegistry.check_if_exists_or_initialize(unwrap_transformer(pipe.transformer))
     if registry.get_hook(MEANCACHE_HOOK) is not None:
         raise MeanCacheError("apply the evaluation counter before MeanCache, so skipped steps are not counted")
     existing = registry.get_hook(COUNTER_HOOK)
@@ -236,31 +272,79 @@ def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
 
 @dataclass(frozen=True)
 class MeanCacheConfig:
-    """What the MeanCache hook needs: the schedule and how to read this model."""
+    r"""Configuration for MeanCache, applied with `apply_meancache(pipe, config)` (like diffusers'
+    `FirstBlockCacheConfig` with `apply_first_block_cache`).
 
-    schedule: Schedule
-    adapter: ModelAdapter
+    Args:
+        schedule (`Schedule`, `str` or `Path`):
+            Where the model runs and how each skipped step is estimated: a `Schedule` from `plan`, a schedule
+            file, or a shipped schedule's name such as `"demo/b10"`. Its `estimator` picks MeanCache's hook or
+            the authors' release estimator.
+        adapter (`ModelAdapter`, *optional*, defaults to `None`):
+            How to read σ from the transformer's timestep and the sign of its output. `None` finds it from the
+            transformer's class; pass one only for a transformer family MeanCache does not know.
+        strict (`bool`, defaults to `False`):
+            At another step count than planned, refuse the schedule (`ScheduleMismatchError`) instead of moving
+            its compute steps by σ onto the run's sigmas; at another resolution, take them by index.
+
+    Example:
+        >>> from meancache_cli import MeanCacheConfig, apply_meancache, remove_meancache
+        >>> from meancache_cli.models.demo import load_demo_pipeline
+        >>> pipe = load_demo_pipeline()
+        >>> hook = apply_meancache(pipe, MeanCacheConfig(schedule="demo/b10"))
+        >>> image = pipe("a red circle on a blue background", num_inference_steps=50, height=32, width=32,
+        ...              max_sequence_length=16, true_cfg_scale=4.0, negative_prompt="").images[0]
+        >>> remove_meancache(pipe)
+    """
+
+    schedule: Schedule | str | Path
+    adapter: ModelAdapter | None = None
+    strict: bool = False
+
+
+class ScheduleMappedWarning(UserWarning):
+    """A schedule runs on another grid than it was planned on: its compute steps were moved by σ."""
 
 
 class ScheduleHook(SamplerHook):
     """Runs the transformer only at the schedule's compute steps; the subclass says what every other
-    step gets instead of a model velocity."""
+    step gets instead of a model velocity. At each generation's start the schedule is put on the sigmas
+    the scheduler really made (`schedule_on_sigmas`), so it runs by σ at any step count and resolution."""
 
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
         super().__init__(config.adapter, sigmas)
         self.config = config
-        self.edges = {edge.start: (index, edge) for index, edge in enumerate(config.schedule.edges)}
+        self.grid: tuple[float, ...] | None = None
+        self._follow(config.schedule)
+
+    def _follow(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+        self.edges = {edge.start: (index, edge) for index, edge in enumerate(schedule.edges)}
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Only the model call is traced under torch.compile: the three steps around it run eagerly.
+        if self._begin_call(args, kwargs):
+            return self._computed_call(self.fn_ref.original_forward(*args, **kwargs))
+        return self._skipped_call()
+
+    @torch.compiler.disable
+    def _begin_call(self, args: tuple, kwargs: dict) -> bool:
+        """Place the call (step, branch, history); True when the model runs at this step."""
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
             self._start_generation()
-        step = self.tracker.step
-        history = self.branch_history()
-        if step in self.edges:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            history.output = output
-            return self.computed(history, step, latents, output)
+        self.call = (self.branch_history(), self.tracker.step, latents)
+        return self.tracker.step in self.edges
+
+    @torch.compiler.disable
+    def _computed_call(self, output: Any) -> Any:
+        (history, step, latents), self.call = self.call, None
+        history.output = output
+        return self.computed(history, step, latents, output)
+
+    @torch.compiler.disable
+    def _skipped_call(self) -> Any:
+        (history, step, latents), self.call = self.call, None
         velocity = self.skipped(history, step, latents)
         return replace_output(history.output, (velocity * self.adapter.output_sign).to(
             output_sample(history.output).dtype))
@@ -274,14 +358,33 @@ class ScheduleHook(SamplerHook):
         raise NotImplementedError
 
     def _start_generation(self) -> None:
-        steps = len(self.sigmas()) - 1
-        expected = self.config.schedule.num_inference_steps
-        if steps != expected:
+        sigmas = self.sigmas()
+        steps = len(sigmas) - 1
+        planned = self.config.schedule
+        if not self.config.strict:
+            self._map_onto(tuple(sigmas.detach().double().cpu().tolist()))
+        elif steps != planned.num_inference_steps:
             raise ScheduleMismatchError(
-                f"the schedule was planned for num_inference_steps={expected} but the pipeline runs {steps} steps: "
-                f"generate with {expected} steps or plan a schedule for {steps}"
+                f"the schedule was planned for num_inference_steps={planned.num_inference_steps} but the pipeline runs "
+                f"{steps} steps: generate with {planned.num_inference_steps} steps or plan a schedule for {steps} "
+                "(without strict it is mapped by σ)"
             )
-        self.branches = []
+        self.branches = {}
+
+    def _map_onto(self, grid: tuple[float, ...]) -> None:
+        """Follow the schedule moved onto this generation's sigmas; once per new grid (another step count or
+        size), with a warning when it moved."""
+        if grid == self.grid:
+            return
+        self.grid = grid
+        planned = self.config.schedule
+        self._follow(schedule_on_sigmas(planned, np.asarray(grid)))
+        if self.schedule is not planned:
+            steps = " ".join(map(str, self.schedule.compute_steps))
+            warnings.warn(
+                f"the schedule planned for {planned.num_inference_steps} steps runs on this generation's "
+                f"{len(grid) - 1}-step sigmas, mapped by σ: compute steps {steps} ({planned.budget} evaluations per "
+                "branch)", ScheduleMappedWarning, stacklevel=3)
 
 
 class MeanCacheHook(ScheduleHook):
@@ -289,10 +392,13 @@ class MeanCacheHook(ScheduleHook):
     compose to one jump; `û` reads the fresh `v_t` and the K-th previous compute step's velocity (and, for
     an exponential edge, both steps' latents)."""
 
-    def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
-        super().__init__(config, sigmas)
-        self.depth = max(config.schedule.orders)
-        self.keeps_latents = "exp" in config.schedule.kinds
+    @property
+    def depth(self) -> int:
+        return max(self.schedule.orders)
+
+    @property
+    def keeps_latents(self) -> bool:
+        return "exp" in self.schedule.kinds
 
     def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
         index, edge = self.edges[step]
@@ -301,7 +407,7 @@ class MeanCacheHook(ScheduleHook):
         history.edge_velocity = v_t
         if edge.kind != "reuse":
             sigmas = self.sigmas()
-            p = self.config.schedule.compute_steps[index - edge.order]
+            p = self.schedule.compute_steps[index - edge.order]
             sigma_p, sigma_t, sigma_s = float(sigmas[p]), float(sigmas[step]), float(sigmas[edge.end])
             if edge.kind == "exp":
                 history.edge_velocity = exponential_velocity(latents.float(), v_t, sigma_t, sigma_s,
@@ -330,8 +436,11 @@ class ReleaseEstimatorHook(ScheduleHook):
 
     def __init__(self, config: MeanCacheConfig, sigmas: SigmaSource) -> None:
         super().__init__(config, sigmas)
-        self.depth = max([1, *config.schedule.orders]) + 1
         self.window = 1
+
+    @property
+    def depth(self) -> int:
+        return max([1, *self.schedule.orders]) + 1
 
     def computed(self, history: BranchHistory, step: int, latents: torch.Tensor, output: Any) -> Any:
         self.window = max(self.edges[step][1].order, 1)
@@ -357,14 +466,18 @@ class ReleaseEstimatorHook(ScheduleHook):
 HOOKS_BY_ESTIMATOR: dict[str, type[ScheduleHook]] = {"meancache": MeanCacheHook, "release": ReleaseEstimatorHook}
 
 
-def apply_meancache(pipe: Any, schedule: Schedule | str | Path) -> ScheduleHook:
-    """Make every later `pipe(...)` call run the cached sampler that `schedule` describes (its
-    `estimator` picks MeanCache's or the authors' release estimator)."""
-    if not isinstance(schedule, Schedule):
-        schedule = load_schedule(schedule)
-    schedule.validate("schedule")
-    hook_class = HOOKS_BY_ESTIMATOR[schedule.estimator]
-    hook = hook_class(MeanCacheConfig(schedule, adapter_for(pipe.transformer)), SigmaSource(pipe))
+def apply_meancache(pipe: Any, schedule: MeanCacheConfig | Schedule | str | Path, strict: bool = False) -> ScheduleHook:
+    """Make every later `pipe(...)` call run the cached sampler that `schedule` (or a `MeanCacheConfig`)
+    describes (its `estimator` picks MeanCache's or the authors' release estimator).
+
+    A generation at another step count or resolution runs the schedule moved by σ onto its sigmas, with
+    as many evaluations per branch as planned (a `ScheduleMappedWarning` says so); `strict` refuses another
+    step count and takes the steps by index."""
+    config = schedule if isinstance(schedule, MeanCacheConfig) else MeanCacheConfig(schedule, strict=strict)
+    plan = config.schedule if isinstance(config.schedule, Schedule) else load_schedule(config.schedule)
+    plan.validate("schedule")
+    config = replace(config, schedule=plan, adapter=config.adapter or adapter_for(pipe.transformer))
+    hook = HOOKS_BY_ESTIMATOR[plan.estimator](config, SigmaSource(pipe))
     with _hooks_of(pipe) as registry:
         if registry.get_hook(MEANCACHE_HOOK) is not None:
             registry.remove_hook(MEANCACHE_HOOK, recurse=False)
@@ -394,24 +507,32 @@ class RecorderHook(SamplerHook):
 
     def __init__(self, adapter: ModelAdapter, sigmas: SigmaSource) -> None:
         super().__init__(adapter, sigmas)
-        self.x0: list[torch.Tensor] = []
-        self.velocities: list[list[torch.Tensor]] = []
+        self.x0: dict[str | int, torch.Tensor] = {}
+        self.velocities: dict[str | int, list[torch.Tensor]] = {}
 
     def sampler_forward(self, *args: Any, **kwargs: Any) -> Any:
+        latents = self._begin_call(args, kwargs)
+        return self._record(latents, self.fn_ref.original_forward(*args, **kwargs))
+
+    @torch.compiler.disable
+    def _begin_call(self, args: tuple, kwargs: dict) -> torch.Tensor:
         latents, timestep = self.forward_args.bind(args, kwargs)
         if self.tracker.observe(timestep):
-            self.x0, self.velocities = [], []
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        branch = self.tracker.branch
-        if branch == len(self.x0):
-            self.x0.append(latents.detach().float().cpu())
-            self.velocities.append([])
+            self.x0, self.velocities = {}, {}
+        return latents
+
+    @torch.compiler.disable
+    def _record(self, latents: torch.Tensor, output: Any) -> Any:
+        branch = self.branch_key()
+        if branch not in self.x0:
+            self.x0[branch] = latents.detach().float().cpu()
+            self.velocities[branch] = []
         self.velocities[branch].append(output_sample(output).detach().float().cpu() * self.adapter.output_sign)
         return output
 
     def trajectories(self) -> list[Trajectory]:
         """The last run's trajectories, one per guidance branch."""
-        return [Trajectory(x0, torch.stack(vs)) for x0, vs in zip(self.x0, self.velocities)]
+        return [Trajectory(self.x0[branch], torch.stack(self.velocities[branch])) for branch in self.x0]
 
 
 def apply_recorder(pipe: Any) -> RecorderHook:

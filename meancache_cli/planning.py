@@ -1,4 +1,5 @@
-"""Planning: a calibration's error map and a budget become a schedule (§4), validated when a pipeline is at hand.
+"""Planning: a calibration's error map and a budget become a schedule (§4), validated when a pipeline is at hand,
+at the calibration's step count or fewer; and a schedule moved by σ onto the sigmas a run really uses.
 
 No recipe (cost kind, γ, dampings, edge families) wins on every model and configuration (DESIGN.md §4), so
 with a pipeline `plan` plans every candidate recipe, runs each distinct schedule cached on the calibration's
@@ -20,9 +21,13 @@ import torch
 
 from . import defaults
 from .core.planner import plan_path
-from .core.stability import COST_KINDS, edge_costs
-from .errors import UsageError
+from .core.regrid import fit_grid, map_steps, regrid_maps, scale_windows
+from .core.stability import COST_KINDS, EdgeMaps, edge_costs
+from .errors import ScheduleMismatchError, UsageError
 from .files import Calibration, Schedule, sha256_of
+
+REGRID_METHOD = "linear"
+SAME_GRID = 1e-4  # sigmas closer than this are one grid (a schedule stores them to 7 digits)
 
 
 def plan_schedule(
@@ -35,13 +40,21 @@ def plan_schedule(
     calibration_path: str | Path | None = None,
     lambdas: tuple[float, ...] | None = None,
     exponential: bool = defaults.RECIPE.exponential,
+    steps: int | None = None,
+    regrid: str = REGRID_METHOD,
 ) -> Schedule:
     """The cheapest schedule with exactly `budget` model evaluations; `kmax = 0` plans velocity reuse
     only, `lambdas` restricts the dampings to a subset of the calibrated ones, `exponential` lets edges use
-    the exponential integrator."""
+    the exponential integrator. `steps` (at most the calibration's N) plans for another step count: the maps
+    are read at that grid's sigmas (`regrid`: linear or nearest)."""
     n = calibration.num_inference_steps
-    if not 1 <= budget <= n:
-        raise UsageError(f"budget={budget} is out of range: the calibration has {n} steps, use 1…{n}")
+    steps = n if steps is None else steps
+    if steps > n:
+        raise UsageError(f"steps={steps} is more than the calibration's {n} steps: a calibration knows nothing "
+                         f"finer than its own grid; calibrate with --steps {steps}, or plan for {n} steps or fewer")
+    if not 1 <= budget <= steps:
+        where = "the calibration has" if steps == n else "planning for"
+        raise UsageError(f"budget={budget} is out of range: {where} {steps} steps, use 1…{steps}")
     if not (np.isfinite(gamma) and gamma >= 0):
         raise UsageError(f"gamma={gamma} is invalid: use a finite number ≥ 0 (a large γ such as 8 approaches "
                          "the min-max path)")
@@ -58,19 +71,71 @@ def plan_schedule(
         raise UsageError(f"lambdas={','.join(f'{v:g}' for v in unknown)} not calibrated: use some of "
                          f"{','.join(f'{v:g}' for v in calibrated)} or calibrate with those lambdas")
     errors = calibration.errors.select(tuple(sorted(lambdas)) if lambdas else calibrated, exponential)
+    sigmas, notes = calibration.sigmas, None
+    if steps != n:
+        sigmas, errors = maps_on_steps(calibration.sigmas, errors, steps, regrid)
+        notes = f"planned for {steps} steps from a {n}-step calibration: its error maps read at these sigmas ({regrid})"
     try:
-        path = plan_path(edge_costs(errors, calibration.sigmas, cost), budget, gamma, max_skip, kmax)
+        path = plan_path(edge_costs(errors, sigmas, cost), budget, gamma, max_skip, kmax)
     except ValueError as error:
         raise UsageError(str(error)) from None
     source = None
     if calibration_path is not None and str(calibration_path) != "-":
         source = {"path": str(calibration_path), "sha256": sha256_of(calibration_path)}
     return Schedule(
-        model=calibration.model, num_inference_steps=n, compute_steps=path.compute_steps, orders=path.orders,
+        model=calibration.model, num_inference_steps=steps, compute_steps=path.compute_steps, orders=path.orders,
         lambdas=path.lambdas, kinds=path.kinds, gamma=float(gamma), cost=cost, predicted_cost=path.objective,
         edge_costs=path.edge_costs, max_skip=max_skip, height=calibration.height, width=calibration.width,
-        frames=calibration.frames, calibration=source,
+        frames=calibration.frames, calibration=source, notes=notes, sigmas=_stored(sigmas),
     )
+
+
+def _stored(sigmas: np.ndarray) -> list[float]:
+    """Sigmas as a schedule file keeps them: 7 significant digits, as precise as the scheduler's float32."""
+    return [float(f"{value:.7g}") for value in sigmas]
+
+
+def maps_on_steps(sigmas: np.ndarray, errors: EdgeMaps, steps: int, method: str) -> tuple[np.ndarray, EdgeMaps]:
+    """The sigmas the scheduler makes for `steps` at the calibration's resolution, and the maps read there."""
+    try:
+        grid = fit_grid(sigmas)
+    except ValueError as error:
+        raise UsageError(f"cannot plan for steps={steps} from this calibration: {error}; calibrate with "
+                         f"--steps {steps}") from None
+    new_sigmas = grid.sigmas(steps)
+    return new_sigmas, regrid_maps(errors, sigmas, new_sigmas, method)
+
+
+def schedule_on_sigmas(schedule: Schedule, sigmas: np.ndarray) -> Schedule:
+    """The schedule as it runs on a generation's sigmas: itself when planned on them, else its compute steps
+    moved to the steps nearest in σ, as many as planned (orders, dampings and kinds stay with their edges;
+    the release estimator's windows, counted in steps, are scaled to the new step count).
+
+    A schedule that records no sigmas was planned, as far as it says, at this run's resolution: its grid is
+    this run's grid at its own step count. Raises ScheduleMismatchError when it cannot run here.
+    """
+    n, planned_n = len(sigmas) - 1, schedule.num_inference_steps
+    if schedule.sigmas is not None:
+        planned = np.asarray(schedule.sigmas, dtype=np.float64)
+        if len(planned) == len(sigmas) and np.max(np.abs(planned - sigmas)) <= SAME_GRID:
+            return schedule
+    elif n == planned_n:
+        return schedule
+    else:
+        try:
+            planned = fit_grid(sigmas).sigmas(planned_n)
+        except ValueError as error:
+            raise ScheduleMismatchError(
+                f"the schedule was planned for {planned_n} steps and records no sigmas, and this run's {n} steps "
+                f"do not show the grid to map it onto ({error}): generate with {planned_n} steps") from None
+    if schedule.budget > n:
+        raise ScheduleMismatchError(
+            f"the schedule makes {schedule.budget} evaluations per branch but this run has only {n} steps: use "
+            f"{schedule.budget} steps or more, or a schedule with a smaller budget")
+    steps = map_steps(schedule.compute_steps, planned, sigmas)
+    orders = (scale_windows(schedule.orders, steps, planned_n, n) if schedule.estimator == "release"
+              else schedule.orders)
+    return replace(schedule, num_inference_steps=n, compute_steps=steps, orders=orders, sigmas=_stored(sigmas))
 
 
 def plan_recipe(calibration: Calibration, budget: int, recipe: defaults.Recipe, **options: Any) -> Schedule:
@@ -123,6 +188,10 @@ def validate(pipe: Any, calibration: Calibration, budget: int, candidates: Seque
     if not calibration.held_out:
         raise UsageError("the calibration has no held-out runs to validate on: calibrate with holdout ≥ 1 "
                          "(--holdout), or plan without a pipeline")
+    if options.get("steps") not in (None, calibration.num_inference_steps):
+        raise UsageError(f"steps={options['steps']}: the held-out runs were made with the calibration's "
+                         f"{calibration.num_inference_steps} steps, so validation plans for those; plan for other "
+                         "steps without a pipeline")
     if not candidates:
         raise UsageError("no candidate recipe to validate: give at least one")
     planned = [plan_recipe(calibration, budget, recipe, **options) for recipe in candidates]

@@ -1,5 +1,6 @@
 """Shared test set-up: offline hub access, and a tiny pipeline on disk with its calibration."""
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -7,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# torchao (a dev dependency) logs at import the CUDA kernels it cannot load here; the command quiets it the same way.
+for name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(name).setLevel(logging.ERROR)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 

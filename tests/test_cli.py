@@ -4,11 +4,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from cli_helpers import run_cli, run_process
 from PIL import Image
 
 from meancache_cli import load_calibration, load_schedule
+from meancache_cli.hooks import ScheduleMappedWarning
 from meancache_cli.models.registry import load_pipeline, resolve_model
 from meancache_cli.outputs import read_provenance
 
@@ -76,16 +78,23 @@ def test_uncached_generation_counts_every_step(model_dir, capsys, tmp_path) -> N
     assert read_provenance(out)["schedule_sha256"] is None
 
 
-def test_schedule_for_other_steps_is_refused_and_nothing_written(calibration, model_dir, capsys, tmp_path) -> None:
+def test_schedule_for_other_steps_is_refused_when_strict_and_nothing_written(calibration, model_dir, capsys,
+                                                                           tmp_path) -> None:
     schedule = tmp_path / "s.yaml"
     assert run_cli(["plan", "--calibration", calibration, "--budget", "4", "--out", str(schedule)], capsys).code == 0
     out = tmp_path / "x.png"
     result = run_cli(["generate", "--model", model_dir, "--schedule", str(schedule), "--steps", "20",
-                      "--prompt", "a red circle", *SIZE, "--out", str(out)], capsys)
+                      "--strict-schedule", "--prompt", "a red circle", *SIZE, "--out", str(out)], capsys)
     assert result.code == 1
     assert result.stderr.strip() == (
         "error: the schedule was planned for 10 steps but this run uses --steps 20: use --steps 10 or plan for "
-        "20 steps")
+        "20 steps (without --strict-schedule it is mapped by σ)")
+    assert not out.exists()
+    fewer = run_cli(["generate", "--model", model_dir, "--schedule", str(schedule), "--steps", "3",
+                     "--prompt", "a red circle", *SIZE, "--out", str(out)], capsys)
+    assert fewer.code == 1 and fewer.stderr.strip() == (
+        "error: the schedule makes 4 evaluations per branch but --steps 3 is fewer: use --steps 4 or more, or a "
+        "schedule with a smaller budget")
     assert not out.exists()
     other = run_cli(["generate", "--model", "demo", "--schedule", str(schedule), "--prompt", "a red circle",
                      "--out", str(out)], capsys)
@@ -226,3 +235,62 @@ def test_calibrate_runs_auto_prints_the_stability_figure(model_dir, capsys, tmp_
     text = run_cli(["calibrate", "--model", model_dir, "--prompt", "a red circle", "--seeds", "0,1,2", "--steps", "10",
                     *SIZE, "--max-back", "3", "--out", str(tmp_path / "fixed.safetensors")], capsys)
     assert "plan stability: plans from two halves of the 2 map runs (B = 2) share" in text.stdout
+def test_plan_for_fewer_steps_runs_natively_there(calibration, model_dir, capsys, tmp_path) -> None:
+    """A 10-step calibration plans for 6 steps on the very sigmas the pipeline runs at 6 steps: generate
+    then has nothing to map and nothing to say."""
+    schedule = tmp_path / "s6.yaml"
+    planned = run_cli(["plan", "--calibration", calibration, "--budget", "3", "--steps", "6", "--out",
+                       str(schedule)], capsys)
+    assert planned.code == 0, planned.stderr
+    assert "3 of 6 steps" in planned.stdout and "from a 10-step calibration" in planned.stdout
+    loaded = load_schedule(schedule)
+    assert loaded.num_inference_steps == 6 and loaded.budget == 3 and len(loaded.sigmas) == 7
+    generated = run_cli(["generate", "--model", model_dir, "--schedule", str(schedule), "--prompt", "a red circle",
+                         *SIZE, "--out", str(tmp_path / "o.png"), "--json"], capsys)
+    assert generated.code == 0 and generated.stderr == ""
+    assert json.loads(generated.stdout)["nfe"] == 3 and json.loads(generated.stdout)["steps"] == 6
+    more = run_cli(["plan", "--calibration", calibration, "--budget", "3", "--steps", "12"], capsys)
+    assert more.code == 2 and more.stderr == (
+        "error: --steps 12 is more than the calibration's 10 steps: a calibration knows nothing finer than its own "
+        "grid; calibrate with --steps 12, or plan for 10 steps or fewer\n")
+
+
+def test_a_schedule_runs_mapped_by_sigma_at_other_steps_and_sizes(calibration, model_dir, capsys, tmp_path) -> None:
+    from meancache_cli.calibration import reference_run_kwargs
+    from meancache_cli.generate import generate
+    from meancache_cli.models.registry import load_pipeline, resolve_model
+
+    schedule = tmp_path / "s.yaml"
+    assert run_cli(["plan", "--calibration", calibration, "--budget", "4", "--out", str(schedule)], capsys).code == 0
+    out = tmp_path / "o.png"
+    moved = run_cli(["generate", "--model", model_dir, "--schedule", str(schedule), "--steps", "7",
+                     "--prompt", "a red circle", *SIZE, "--out", str(out), "--json"], capsys)
+    assert moved.code == 0, moved.stderr
+    assert moved.stderr == (
+        "warning: the schedule was planned for 10 steps, this run uses --steps 7: its compute steps are mapped by σ "
+        "onto the 7-step grid, 4 evaluations per branch as planned (--strict-schedule refuses instead)\n")
+    assert json.loads(moved.stdout)["nfe"] == 4
+    # The library does the same as the command.
+    spec = resolve_model(model_dir)
+    pipe, kwargs = load_pipeline(spec), reference_run_kwargs(spec, 7, 32, 32, None, {})
+    with pytest.warns(ScheduleMappedWarning, match="mapped by σ"):
+        library = generate(pipe, "a red circle", 0, kwargs, load_schedule(schedule))
+    assert library.nfe == 4
+    np.testing.assert_allclose(np.asarray(library.images[0], dtype=float), np.asarray(Image.open(out), dtype=float),
+                               atol=1)
+    larger = run_cli(["generate", "--model", model_dir, "--schedule", str(schedule), "--prompt", "a red circle",
+                      "--height", "64", "--width", "64", "--out", str(out), "--json"], capsys)
+    assert larger.code == 0, larger.stderr
+    assert larger.stderr.startswith("warning: the schedule was planned at 32x32, this run is 64x64: its compute "
+                                    "steps are mapped by σ onto this run's sigmas; on the demo model (32 vs 64 px) "
+                                    "that lost 1.0 dB on average")
+    assert json.loads(larger.stdout)["nfe"] == 4
+
+
+def test_a_shipped_fifty_step_schedule_runs_at_thirty_steps_with_its_budget(capsys, tmp_path) -> None:
+    result = run_cli(["generate", "--model", "demo", "--budget", "10", "--steps", "30", "--prompt",
+                      "a red circle on a blue background", "--out", str(tmp_path / "o.png"), "--json"], capsys)
+    assert result.code == 0, result.stderr
+    assert "planned for 50 steps, this run uses --steps 30" in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["nfe"] == 20 and summary["steps"] == 30  # 10 per guidance branch

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -6,11 +7,12 @@ import torch
 from oracle import CallLog, linear_cfg, replay
 from tiny import TINY_CALL, ForwardCounter, tiny_flux_pipeline
 
-from meancache_cli import Schedule, apply_meancache, load_schedule, remove_meancache
+from meancache_cli import MeanCacheConfig, Schedule, apply_meancache, load_schedule, remove_meancache, save_schedule
 from meancache_cli.calibration import MapSettings, run_calibration
 from meancache_cli.errors import ScheduleMismatchError
 from meancache_cli.generate import generate
-from meancache_cli.hooks import apply_evaluation_counter, apply_recorder, remove_recorder
+from meancache_cli.hooks import ScheduleMappedWarning, apply_evaluation_counter, apply_recorder, remove_recorder
+from meancache_cli.models.adapters import ModelAdapter
 from meancache_cli.models.registry import load_pipeline, resolve_model
 
 PROMPT = "a red circle on a blue background"
@@ -143,8 +145,17 @@ def test_release_estimator_runs_its_own_hook_with_exactly_budget_forwards(pipe) 
     assert not np.allclose(cached, reused, atol=1e-6)  # windows 2 and 3 re-estimate inside their edges
 
 
-def test_schedule_for_other_step_count_is_refused(pipe) -> None:
+def test_schedule_for_other_step_count_is_mapped_by_sigma_or_refused_when_strict(pipe) -> None:
+    counter = ForwardCounter(pipe.transformer.x_embedder)
     apply_meancache(pipe, CACHED)
+    try:
+        with pytest.warns(ScheduleMappedWarning, match="planned for 12 steps runs on this generation's 8-step sigmas, "
+                          r"mapped by σ: compute steps 0 1 2 4 5 6 \(6 evaluations per branch\)"):
+            run(pipe, num_inference_steps=8)
+    finally:
+        remove_meancache(pipe)
+    assert counter.calls == B
+    apply_meancache(pipe, CACHED, strict=True)
     try:
         with pytest.raises(ScheduleMismatchError, match="planned for num_inference_steps=12 but the pipeline runs 8"):
             run(pipe, num_inference_steps=8)
@@ -205,3 +216,58 @@ def test_hooks_survive_model_cpu_offload(model_dir) -> None:
     assert counter.calls == 2 * B
     assert generate(offloaded, PROMPT, 5, kwargs, output_type="np").nfe == N
     assert counter.calls == 2 * B + N
+
+
+def denoise(pipe, order_at: Callable[[int], tuple[str, str]], named: bool, seed: int = 9) -> torch.Tensor:
+    """A hand-written true-CFG loop over the pipeline's public parts (scale 2.5): at each step the branches
+    are called in the order `order_at(step)` gives, inside `cache_context` when `named`."""
+    from contextlib import nullcontext
+
+    embeds = {name: pipe.encode_prompt(prompt, prompt, max_sequence_length=TINY_CALL["max_sequence_length"])
+              for name, prompt in (("cond", PROMPT), ("uncond", "a black square on a white background"))}
+    latents, image_ids = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, 32, 32, torch.float32,
+                                              "cpu", torch.Generator().manual_seed(seed))
+    pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N), mu=1.0)
+    pipe.scheduler.set_begin_index(0)
+    for step, t in enumerate(pipe.scheduler.timesteps):
+        outputs = {}
+        for name in order_at(step):
+            prompt_embeds, pooled, text_ids = embeds[name]
+            with pipe.transformer.cache_context(name) if named else nullcontext():
+                outputs[name] = pipe.transformer(hidden_states=latents, timestep=t.expand(1) / 1000, guidance=None,
+                                                 pooled_projections=pooled, encoder_hidden_states=prompt_embeds,
+                                                 txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        velocity = outputs["uncond"] + 2.5 * (outputs["cond"] - outputs["uncond"])
+        latents = pipe.scheduler.step(velocity, t, latents, return_dict=False)[0]
+    return latents
+
+
+def test_guidance_branches_are_keyed_by_the_pipelines_cache_context(pipe) -> None:
+    """FLUX names its calls "cond" and "uncond": a loop that swaps their order at odd steps gets the same
+    cached output as the usual order. Without names the hook falls back to call order and mixes them up."""
+    usual = lambda step: ("cond", "uncond")  # noqa: E731
+    swapped = lambda step: ("uncond", "cond") if step % 2 else ("cond", "uncond")  # noqa: E731
+    outputs = {}
+    for key, order, named in (("usual", usual, True), ("swapped", swapped, True), ("unnamed", swapped, False)):
+        hook = apply_meancache(pipe, CACHED)
+        try:
+            outputs[key] = denoise(pipe, order, named)
+            assert set(hook.branches) == ({"cond", "uncond"} if named else {0, 1})
+        finally:
+            remove_meancache(pipe)
+    assert torch.equal(outputs["usual"], outputs["swapped"])
+    assert not torch.allclose(outputs["usual"], outputs["unnamed"], atol=1e-4)
+
+
+def test_a_config_object_applies_like_the_schedule_itself(pipe, tmp_path) -> None:
+    path = tmp_path / "s.yaml"
+    save_schedule(CACHED, path)
+    results = []
+    for config in (CACHED, MeanCacheConfig(schedule=str(path)), MeanCacheConfig(CACHED, adapter=ModelAdapter())):
+        hook = apply_meancache(pipe, config)
+        try:
+            results.append(run(pipe, seed=6))
+        finally:
+            remove_meancache(pipe)
+        assert hook.schedule == CACHED and hook.config.adapter == ModelAdapter()
+    assert all(np.array_equal(results[0], other) for other in results[1:])

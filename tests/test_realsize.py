@@ -17,12 +17,14 @@ from cli_helpers import ROOT, run_cli
 from tiny_models import TINY_MODELS
 
 from meancache_cli.bench.realsize import (
+    DEFAULT_COMPILE,
     FAMILIES,
     INPUTS,
     RealConfig,
     Rig,
     build_scheduler,
     build_transformer,
+    compile_modes,
     denoise,
     environment,
     instrumented,
@@ -30,6 +32,7 @@ from meancache_cli.bench.realsize import (
     measure_family,
 )
 from meancache_cli.bench.realsize_report import COMMAND, TITLE, merge, replace_section, section
+from meancache_cli.errors import UsageError
 from meancache_cli.models.schedulers import euler_scheduler_swap
 
 EMBEDDERS = {"flux": "x_embedder", "qwen-image": "img_in", "wan": "patch_embedding", "hunyuanvideo": "x_embedder"}
@@ -109,21 +112,30 @@ def test_meancache_runs_the_model_b_times_per_branch(family: str) -> None:
     assert torch.isfinite(cached).all() and not torch.allclose(cached, uncached)
 
 
-@pytest.mark.parametrize("mode", ["regional", "whole"])
-def test_meancache_on_a_compiled_transformer_matches_eager(mode: str) -> None:
-    """Compiled beneath the hooks: the same final latents as eager, B evaluations, and no recompilation once warm
-    (the eager backend: dynamo traces and guards as with inductor, without a C++ build on the CPU). The row then
-    renders as a measured one."""
+def test_meancache_on_a_compiled_transformer_matches_eager() -> None:
+    """Compiled each way, beneath the hooks or around them: the same final latents as eager, B evaluations, at most
+    3 graphs for the first cached generation and no recompilation once warm (the eager backend: dynamo traces and
+    guards as with inductor, without a C++ build on the CPU). The rows then render as measured ones."""
+    modes = ["regional", "whole", "module", "wrapped"]
     row = measure_family(load_real_config("flux", reduced=True), "cpu", torch.float32, steps=STEPS, budgets=[3],
-                         repeats=1, compile_mode=mode, compile_backend=BACKEND)
-    compiled = row["compiled"]
-    (cached,) = compiled["budgets"]
-    assert (compiled["uncached"]["nfe"], cached["nfe"]) == (STEPS, 3)
-    assert cached["same_output"] and compiled["uncached_difference"] <= compiled["tolerance"]
-    assert compiled["graphs_after_warmup"] == 0
+                         repeats=1, compile_mode=",".join(modes), compile_backend=BACKEND)
+    assert [compiled["mode"] for compiled in row["compiled"]] == modes
+    for compiled in row["compiled"]:
+        (cached,) = compiled["budgets"]
+        assert (compiled["uncached"]["nfe"], cached["nfe"]) == (STEPS, 3), compiled["mode"]
+        assert cached["same_output"] and compiled["uncached_difference"] <= compiled["tolerance"], compiled["mode"]
+        assert 1 <= compiled["warmup_graphs"]["cached"] <= 3 and compiled["graphs_after_warmup"] == 0, compiled["mode"]
     text = "\n".join(section({"budgets": [3], "rows": [{**row, "reduced": False, "environment": environment("cpu")}]}))
-    assert "| FLUX.1 [dev] | 128×128: 64 tokens | 16 |" in text and f"| FLUX.1 [dev] | {mode} |" in text
+    assert "| FLUX.1 [dev] | 128×128: 64 tokens | 16 |" in text
+    assert all(f"| FLUX.1 [dev] | {mode} |" in text for mode in modes)
     assert "Not measured yet** (Qwen-Image, Wan 2.1 T2V 1.3B, HunyuanVideo)" in text
+
+
+def test_compile_modes_are_a_list_or_none() -> None:
+    assert compile_modes(DEFAULT_COMPILE) == ["regional", "module", "wrapped"]
+    assert compile_modes("whole, whole") == ["whole"] and compile_modes("none") == []
+    with pytest.raises(UsageError, match="--compile max-autotune is unknown"):
+        compile_modes("regional,max-autotune")
 
 
 def test_reduced_run_from_the_command_line_writes_results_and_section(tmp_path: Path, capsys) -> None:

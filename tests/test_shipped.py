@@ -3,7 +3,9 @@ family, and the demo's are what `make schedules` makes today."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import warnings
 
 import pytest
 import torch
@@ -13,28 +15,34 @@ from tiny_models import TINY_MODELS
 
 from meancache_cli import apply_meancache, load_schedule, remove_meancache
 from meancache_cli.files import shipped_schedules
+from meancache_cli.hooks import ScheduleMappedWarning
 from meancache_cli.shipped import BUDGETS, demo_schedules
 
 PROMPT = "a red circle on a blue background"
 
 
 @pytest.mark.parametrize(("model", "budgets"), [("qwen-image", (10, 17, 25)), ("z-image", (13, 15, 17, 20, 25))])
-def test_authors_schedules_run_exactly_budget_forwards_per_branch_at_fifty_steps(model: str, budgets) -> None:
+def test_authors_schedules_run_exactly_budget_forwards_per_branch_at_50_40_and_30_steps(model: str, budgets) -> None:
+    """At 50 steps as published; at 40 and 30 moved by σ onto the grid the pipeline makes (a warning says so)."""
     tiny = TINY_MODELS[model]
     pipe = tiny.build()
     counter = ForwardCounter(tiny.embedder(pipe.transformer))
-    for budget in budgets:
+    for budget, steps in itertools.product(budgets, (50, 40, 30)):
         schedule = load_schedule(f"{model}/authors-b{budget}")
         assert schedule.estimator == "release" and schedule.num_inference_steps == 50 and schedule.model == model
         before = counter.calls
-        apply_meancache(pipe, schedule)
+        hook = apply_meancache(pipe, schedule)
         try:
-            latents = pipe(PROMPT, num_inference_steps=50, output_type="latent",
-                           generator=torch.Generator().manual_seed(0), **tiny.call).images
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                latents = pipe(PROMPT, num_inference_steps=steps, output_type="latent",
+                               generator=torch.Generator().manual_seed(0), **tiny.call).images
         finally:
             remove_meancache(pipe)
-        assert counter.calls - before == budget * tiny.branches
+        assert counter.calls - before == budget * tiny.branches, (budget, steps)
         assert torch.isfinite(torch.as_tensor(latents)).all()
+        assert len([w for w in caught if w.category is ScheduleMappedWarning]) == (steps != 50)
+        assert hook.schedule.num_inference_steps == steps and hook.schedule.compute_steps[-1] == steps - 1
 
 
 def test_make_schedules_reproduces_the_shipped_demo_schedules() -> None:

@@ -26,6 +26,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ..errors import MeanCacheError, UsageError
 from ..hooks import COUNTER_HOOK, MEANCACHE_HOOK, apply_evaluation_counter, apply_meancache
+from ..models.adapters import unwrap_transformer
 from ..models.registry import resolve_model
 from ..models.schedulers import euler_scheduler_swap
 from ..planning import uniform_schedule
@@ -33,7 +34,11 @@ from ..planning import uniform_schedule
 FAMILIES = ("flux", "qwen-image", "wan", "hunyuanvideo")
 BUDGETS = (10, 17, 25)
 STEPS = 50
-COMPILE_MODES = ("regional", "whole", "none")
+# How the transformer is compiled: beneath the hooks (regional: its repeated blocks; whole: its forward), or around
+# them (module: `transformer.compile()`; wrapped: `torch.compile(transformer)`), where the hook's bookkeeping runs
+# outside the graph. `--compile` takes a comma-separated list of them, or none.
+COMPILE_MODES = ("regional", "whole", "module", "wrapped")
+DEFAULT_COMPILE = "regional,module,wrapped"
 INNER_TIMER = "meancache_realsize_model_timer"
 OUTER_TIMER = "meancache_realsize_call_timer"
 # Relative L2 difference of the final latents that still counts as "the same output" (bf16 keeps 8 bits).
@@ -382,7 +387,7 @@ def instrumented(rig: Rig, budget: int | None, steps: int, timed: bool = False,
     """Counter (innermost, so it counts only forwards that run), optional model timer, MeanCache at `budget`
     (evenly spaced, K = 0) unless None, optional call timer outermost; removed outermost first on exit (a diffusers
     hook removed from under another would cut the chain)."""
-    registry = HookRegistry.check_if_exists_or_initialize(rig.transformer)
+    registry = HookRegistry.check_if_exists_or_initialize(unwrap_transformer(rig.transformer))
     registered: list[str] = []
     try:
         instruments = Instruments(counter=apply_evaluation_counter(rig))
@@ -489,21 +494,48 @@ def cache_bound_bytes(latent_elements: int, input_bytes: int, output_bytes: int,
     return latent_elements * ((longest + kmax) * input_bytes + (kmax + 2) * 4 + output_bytes)
 
 
-def compile_transformer(rig: Rig, mode: str, backend: str) -> None:
-    """Compile beneath the hooks: the repeated blocks (regional), or the transformer's forward (whole).
+def compile_modes(text: str) -> list[str]:
+    """`--compile`: comma-separated modes (each once, in the order given), or none."""
+    if text.strip() == "none":
+        return []
+    modes = list(dict.fromkeys(mode.strip() for mode in text.split(",") if mode.strip()))
+    bad = [mode for mode in modes if mode not in COMPILE_MODES] or ([] if modes else [text])
+    if bad:
+        raise UsageError(f"--compile {bad[0]} is unknown: use some of {','.join(COMPILE_MODES)} (comma-separated), "
+                         "or none")
+    return modes
 
-    `transformer.compile()` / `torch.compile(transformer)` would also trace the hook's per-step Python state,
-    recompile at every step until dynamo's recompile limit and then run eager: the hooks must stay outside.
+
+@contextmanager
+def compiled(rig: Rig, mode: str, backend: str) -> Iterator[None]:
+    """The transformer compiled one way while the block runs, eager again after it (dynamo reset on both sides).
+
+    regional and whole compile beneath the hooks, which then run entirely in Python; module and wrapped compile the
+    whole call, hooks included: their bookkeeping is `torch.compiler.disable`d, so dynamo traces the model's
+    forward and breaks the graph around it.
     """
     import torch._dynamo
 
     torch._dynamo.reset()
-    if mode == "regional":
-        rig.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
-    elif mode == "whole":
-        rig.transformer.forward = torch.compile(rig.transformer.forward, backend=backend)
-    else:
-        raise UsageError(f"--compile {mode} is unknown: use one of {', '.join(COMPILE_MODES)}")
+    model = rig.transformer
+    try:
+        if mode == "regional":
+            model.compile_repeated_blocks(fullgraph=True, backend=backend)
+        elif mode == "whole":
+            model.forward = torch.compile(model.forward, backend=backend)
+        elif mode == "module":
+            model.compile(backend=backend)
+        elif mode == "wrapped":
+            rig.transformer = torch.compile(model, backend=backend)
+        else:
+            raise UsageError(f"--compile {mode} is unknown: use some of {','.join(COMPILE_MODES)}, or none")
+        yield
+    finally:
+        rig.transformer = model
+        model.__dict__.pop("forward", None)  # whole: the compiled forward; else the plain one the hooks put back
+        for module in model.modules():
+            module._compiled_call_impl = None
+        torch._dynamo.reset()
 
 
 def graphs_compiled() -> int:
@@ -513,10 +545,12 @@ def graphs_compiled() -> int:
 
 
 def measure_family(config: RealConfig, device: str, dtype: torch.dtype, steps: int = STEPS,
-                   budgets: list[int] | None = None, repeats: int = 3, compile_mode: str = "regional",
+                   budgets: list[int] | None = None, repeats: int = 3, compile_mode: str = DEFAULT_COMPILE,
                    compile_backend: str = "inductor", log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Every number of one family's row: eager speed and memory per budget, the hooks' own cost, and (unless
-    `compile_mode` is none) the same on the compiled transformer with its outputs checked against eager."""
+    `compile_mode` is none) the same on the transformer compiled each way it lists, its outputs checked against
+    eager."""
+    modes = compile_modes(compile_mode)
     budgets = sorted(budgets or BUDGETS)
     started = time.perf_counter()
     log(f"{config.family}: building {config.transformer['_class_name']} on {device}")
@@ -551,9 +585,9 @@ def measure_family(config: RealConfig, device: str, dtype: torch.dtype, steps: i
                 latent_elements, input_bytes, input_bytes, steps, entry["budget"])
         reference = {None: eager_runs[None][0]["latents"], **{b: eager_runs[b][0]["latents"] for b in budgets}}
         row["finite"] = bool(all(torch.isfinite(x).all() for x in reference.values()))
-        if compile_mode != "none":
-            row["compiled"] = measure_compiled(rig, inputs, steps, budgets, repeats, device, compile_mode,
-                                               compile_backend, reference, log)
+        if modes:
+            row["compiled"] = [measure_compiled(rig, inputs, steps, budgets, repeats, device, mode, compile_backend,
+                                                reference, log) for mode in modes]
     row["seconds"] = time.perf_counter() - started
     del rig
     if device.startswith("cuda"):
@@ -564,22 +598,27 @@ def measure_family(config: RealConfig, device: str, dtype: torch.dtype, steps: i
 def measure_compiled(rig: Rig, inputs: LoopInputs, steps: int, budgets: list[int], repeats: int, device: str,
                      mode: str, backend: str, reference: dict[int | None, torch.Tensor],
                      log: Callable[[str], None]) -> dict[str, Any]:
-    """MeanCache on the compiled transformer: warm-up (compilation), then timed rounds; its outputs against eager."""
+    """MeanCache on the transformer compiled one way: warm-up (a cached generation, then an uncached one: the graphs
+    each compiles), then timed rounds; its outputs against eager."""
     log(f"compiling ({mode}, {backend}) and warming up")
-    compile_transformer(rig, mode, backend)
-    start = time.perf_counter()
-    for budget in [budgets[0], None]:
-        run_once(rig, inputs, steps, budget, device)
-    warmup = time.perf_counter() - start
-    graphs = graphs_compiled()
-    log(f"timing the compiled transformer, {repeats} round(s)")
-    runs = timing_rounds(rig, inputs, steps, budgets, repeats, device)
+    with compiled(rig, mode, backend):
+        start = time.perf_counter()
+        warmup_graphs = {}
+        for budget, name in [(budgets[0], "cached"), (None, "uncached")]:
+            graphs = graphs_compiled()
+            run_once(rig, inputs, steps, budget, device)
+            warmup_graphs[name] = graphs_compiled() - graphs
+        warmup = time.perf_counter() - start
+        graphs = graphs_compiled()
+        log(f"timing the compiled transformer ({mode}), {repeats} round(s)")
+        runs = timing_rounds(rig, inputs, steps, budgets, repeats, device)
+        after_warmup = graphs_compiled() - graphs
     result = summarize(runs, steps, len(inputs.branches))
     tolerance = SAME_OUTPUT_TOLERANCE.get(inputs.model_dtype, 3e-2)
     differences = {budget: relative_difference(rows[0]["latents"], reference[budget]) for budget, rows in runs.items()}
     result.update({
-        "mode": mode, "backend": backend, "warmup_s": warmup, "graphs_after_warmup": graphs_compiled() - graphs,
-        "uncached_difference": differences[None], "tolerance": tolerance,
+        "mode": mode, "backend": backend, "warmup_s": warmup, "warmup_graphs": warmup_graphs,
+        "graphs_after_warmup": after_warmup, "uncached_difference": differences[None], "tolerance": tolerance,
     })
     for entry in result["budgets"]:
         entry["difference"] = differences[entry["budget"]]
@@ -620,8 +659,7 @@ def run_real_size(families: str | None, device: str | None, reduced: bool, steps
     `on_result` gets the document after each family, so a family that fails late does not lose the others.
     """
     steps, budgets, repeats = steps or STEPS, sorted(budgets or BUDGETS), repeats or 3
-    if compile_mode not in COMPILE_MODES:
-        raise UsageError(f"--compile {compile_mode} is unknown: use one of {', '.join(COMPILE_MODES)}")
+    compile_modes(compile_mode)
     if repeats < 1:
         raise UsageError(f"--repeats {repeats} is invalid: use 1 or more")
     bad = [b for b in budgets if not 1 <= b <= steps]

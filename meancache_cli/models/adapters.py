@@ -51,12 +51,30 @@ ADAPTERS: dict[str, ModelAdapter] = {
 }
 
 
+def unwrap_transformer(module: torch.nn.Module) -> torch.nn.Module:
+    """The transformer beneath `torch.compile`'s wrapper: `torch.compile(transformer)` returns an `OptimizedModule`
+    whose `_orig_mod` is the model (its hooks, config and `cache_context` are the model's)."""
+    while isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        module = module._orig_mod
+    return module
+
+
+def adapter_for_class(model_class: type) -> ModelAdapter | None:
+    """The adapter of the nearest class in `model_class`'s hierarchy that has one, so a subclass of a supported
+    transformer (a fine-tune's own class, a wrapper that adds a method) reads σ and the output as its base does."""
+    for base in model_class.__mro__:
+        if base.__name__ in ADAPTERS:
+            return ADAPTERS[base.__name__]
+    return None
+
+
 def adapter_for(transformer: torch.nn.Module) -> ModelAdapter:
-    """The adapter for a transformer instance, found from its class."""
-    name = type(transformer).__name__
-    if name not in ADAPTERS:
+    """The adapter for a transformer instance, found from its class hierarchy (beneath a `torch.compile` wrapper)."""
+    adapter = adapter_for_class(type(unwrap_transformer(transformer)))
+    if adapter is None:
         supported = ", ".join(sorted(ADAPTERS))
         raise MeanCacheError(
-            f"{name} is not a supported flow-matching transformer: MeanCache supports {supported}"
+            f"{type(unwrap_transformer(transformer)).__name__} is not a supported flow-matching transformer: "
+            f"MeanCache supports {supported} (and their subclasses)"
         )
-    return ADAPTERS[name]
+    return adapter
