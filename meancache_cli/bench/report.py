@@ -575,12 +575,16 @@ def config_section(results: dict[str, Any], config: dict[str, Any], out_dir: Pat
         lines += table + [""] + distribution_lines(results, key) + [""]
     validation = validation_table(results, config)
     if validation:
+        margin = next(iter(config["validation"].values())).get("margin")
+        keep = (f" (the default recipe, the first column, stays unless another scores more than {margin:g} dB higher)"
+                if margin else "")
         lines += [f"### {config['label']}: validation of MeanCache's plan", "",
                   "At each budget `plan(calibration, B, pipe=…)` planned every candidate recipe from set A's map runs, "
                   "ran each distinct schedule cached on set A's held-out runs and kept the one with the best mean "
-                  "latent PSNR against their uncached outputs (columns: that score per candidate in dB; “= X”: the "
-                  "same schedule as candidate X; cost share: the validation's evaluations over the calibration's). "
-                  "The last columns compare the kept plan with the default recipe's on the evaluation pairs.", ""]
+                  f"latent PSNR against their uncached outputs{keep}. Columns: that score per candidate in dB, the "
+                  "kept one in bold; “= X”: the same schedule as candidate X; cost share: the validation's "
+                  "evaluations over the calibration's. The last columns compare the kept plan with the default "
+                  "recipe's on the evaluation pairs.", ""]
         lines += validation + [""] + validation_lines(results, config) + [""]
     lines += [f"### {config['label']}: where a peer wins", ""] + where_peers_win(results, key) + [""]
     diagnostics = schedule_diagnostics(results, key)
