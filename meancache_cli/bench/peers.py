@@ -8,6 +8,7 @@ the scheduler for the call, diffusers' caches through `transformer.enable_cache`
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import math
 from collections.abc import Callable, Iterator
@@ -131,20 +132,35 @@ def solver_scheduler(kind: str, config: Any) -> Any:
     """A multistep solver that samples the same flow-matching sigmas as the pipeline's Euler scheduler.
 
     FluxPipeline hands `set_timesteps` no sigmas when `use_flow_sigmas` is set, and always `mu`: with
-    `use_dynamic_shifting` the solvers then apply the same resolution-dependent shift `exp(mu)`.
+    `use_dynamic_shifting` the solvers then apply the same resolution-dependent shift `exp(mu)`; without it the
+    Euler scheduler ignores `mu` and shifts by its fixed `shift`, and so does the solver (`_static_shift`; DPM-Solver++
+    would otherwise stop on the `mu` it cannot use).
     """
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+    dynamic = bool(config.get("use_dynamic_shifting", False))
     common = {
         "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(config.get("shift", 1.0)),
-        "use_dynamic_shifting": bool(config.get("use_dynamic_shifting", False)), "time_shift_type": "exponential",
+        "use_dynamic_shifting": dynamic, "time_shift_type": "exponential",
         "solver_order": 2, "final_sigmas_type": "zero",
     }
     if kind == "unipc":
-        return UniPCMultistepScheduler.from_config(config, **common, solver_type="bh2")
-    if kind == "dpmpp":
-        return DPMSolverMultistepScheduler.from_config(config, **common, algorithm_type="dpmsolver++")
-    raise ValueError(f"unknown solver {kind!r}")
+        solver, extra = UniPCMultistepScheduler, {"solver_type": "bh2"}
+    elif kind == "dpmpp":
+        solver, extra = DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}
+    else:
+        raise ValueError(f"unknown solver {kind!r}")
+    return (solver if dynamic else _static_shift(solver)).from_config(config, **common, **extra)
+
+
+@functools.cache
+def _static_shift(solver: type) -> type:
+    """`solver` whose `set_timesteps` ignores `mu`, as a statically shifted Euler scheduler does."""
+
+    def set_timesteps(self: Any, *args: Any, mu: float | None = None, **kwargs: Any) -> None:
+        solver.set_timesteps(self, *args, **kwargs)
+
+    return type(solver.__name__, (solver,), {"set_timesteps": set_timesteps, "__doc__": solver.__doc__})
 
 
 def solver_method(kind: str, budget: int) -> Method:

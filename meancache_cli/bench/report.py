@@ -127,7 +127,8 @@ def pareto_png(results: dict[str, Any]) -> bytes:
 
 
 def grid_png(results: dict[str, Any], config: str, grid: dict[str, list[Any]]) -> bytes:
-    """Rows: evaluation prompts (first seed); columns: the uncached reference, then every method."""
+    """Rows: evaluation prompts (first seed); columns: the uncached reference, then every method, each image with
+    its decoded PSNR against the reference below it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,8 +136,10 @@ def grid_png(results: dict[str, Any], config: str, grid: dict[str, list[Any]]) -
 
     columns = ["reference", *[key for key in results["methods"] if key in grid]]
     prompts = results["prompts"]["evaluation"]["prompts"]
+    seeds = len(results["prompts"]["evaluation"]["seeds"])
+    scores = {r["method"]: r.get("psnr_runs", []) for r in budget_rows(results, config, results["ablation_budget"])}
     rows = len(grid["reference"])
-    figure, axes = plt.subplots(rows, len(columns), figsize=(1.25 * len(columns), 1.35 * rows + 0.6),
+    figure, axes = plt.subplots(rows, len(columns), figsize=(1.25 * len(columns), 1.45 * rows + 0.6),
                                 squeeze=False)
     for column, key in enumerate(columns):
         title = "uncached" if key == "reference" else results["methods"][key]["label"]
@@ -149,6 +152,9 @@ def grid_png(results: dict[str, Any], config: str, grid: dict[str, list[Any]]) -
                 axis.set_title("\n".join(textwrap.wrap(title, 16)), fontsize=6)
             if column == 0:
                 axis.set_ylabel(prompts[row].replace(" on ", "\non "), fontsize=5)
+            pair = row * seeds  # the evaluation pairs run prompt by prompt, every seed of a prompt in turn
+            if len(scores.get(key, [])) > pair:
+                axis.set_xlabel(f"{scores[key][pair]:.1f} dB", fontsize=5, labelpad=1)
     label = next(c["label"] for c in results["configs"] if c["key"] == config)
     figure.suptitle(f"{label}: B = {results['ablation_budget']} of N = {results['steps']}, seed "
                     f"{results['prompts']['evaluation']['seeds'][0]}", fontsize=8)
