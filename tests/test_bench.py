@@ -526,3 +526,21 @@ def test_bench_profile_comes_from_the_model_config() -> None:
     assert default_report_path("docs/bench").as_posix() == "docs/benchmarks.md"
     assert default_report_path("docs/bench-hard").as_posix() == "docs/benchmarks-hard.md"
     assert default_report_path("/tmp/b").as_posix() == "/tmp/b/benchmarks.md"
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static-shift", "dynamic-shift"])
+def test_solvers_sample_the_sigmas_of_the_pipelines_euler_scheduler(dynamic: bool) -> None:
+    """FluxPipeline passes mu to every scheduler; a statically shifted Euler scheduler ignores it, so must the
+    solvers (DPM-Solver++ used to stop on it), and both solvers then step through Euler's sigmas, shifted alike."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from meancache_cli.bench.peers import solver_scheduler
+
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0 if dynamic else 0.8, use_dynamic_shifting=dynamic)
+    mu = 0.7
+    euler.set_timesteps(sigmas=np.linspace(1.0, 1 / 10, 10), mu=mu)
+    for kind in ("unipc", "dpmpp"):
+        solver = solver_scheduler(kind, euler.config)
+        solver.set_timesteps(10, mu=mu)
+        # Their own grid ends at 1/1000 rather than 1/10 before the shift: close, not equal.
+        assert torch.allclose(solver.sigmas.float(), euler.sigmas.float(), atol=3e-3), kind
