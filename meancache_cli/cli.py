@@ -171,14 +171,14 @@ def read_prompts(prompts: list[str], prompts_file: Path | None, defaults: list[s
 
 
 def check_vocabulary(spec: Any, prompts: list[str]) -> None:
-    """The demo model knows only its own words: say which ones it will not understand."""
-    if spec.name != "demo":
+    """The demo and hard models know only the demo's words: say which ones they will not understand."""
+    if spec.name not in ("demo", "hard"):
         return
     from .models.demo import VOCABULARY, unknown_words
 
     unknown = sorted({word for prompt in prompts for word in unknown_words(prompt)})
     if unknown:
-        warn(f"the demo model does not know {shorten(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}")
+        warn(f"the {spec.name} model does not know {shorten(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}")
 
 
 def shorten(words: list[str], count: int = 8, length: int = 24) -> str:
