@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from cli_helpers import run_cli  # noqa: E402
 from diffusers import FluxPipeline  # noqa: E402
 
-from meancache_cli.calibrate import reference_run_kwargs  # noqa: E402
+from meancache_cli.calibration import reference_run_kwargs  # noqa: E402
 from meancache_cli.errors import MeanCacheError  # noqa: E402
 from meancache_cli.files import load_calibration  # noqa: E402
 from meancache_cli.models import build_hard, demo, hard  # noqa: E402
