@@ -3,6 +3,7 @@ counted on a real tiny pipeline, and one quick run."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -544,3 +545,36 @@ def test_solvers_sample_the_sigmas_of_the_pipelines_euler_scheduler(dynamic: boo
         solver.set_timesteps(10, mu=mu)
         # Their own grid ends at 1/1000 rather than 1/10 before the shift: close, not equal.
         assert torch.allclose(solver.sigmas.float(), euler.sigmas.float(), atol=3e-3), kind
+
+
+def test_hard_model_is_benched_like_the_demo_without_the_block_caches() -> None:
+    from meancache_cli.bench.runner import ABLATIONS, bench_settings, bench_units
+
+    demo, _ = bench_settings("demo")
+    hard, spec = bench_settings("hard")
+    assert spec.name == "hard" and [c.key for c in hard.configs] == [c.key for c in demo.configs] == ["plain", "cfg"]
+    assert hard.prompts == demo.prompts  # the shapes prompts: the captions both models know
+    assert hard.config_kwargs(hard.configs[1]) == demo.config_kwargs(demo.configs[1])
+    assert set(METHODS) - set(hard.methods) == {"fbcache", "taylorseer", "magcache"}
+    assert hard.transfer_resolution is None and demo.transfer_resolution == (64, 64)
+    assert hard.ablation_tables == ABLATIONS
+    assert bench_units(model="hard") < bench_units(model="demo")
+
+
+def test_full_evaluation_counter_counts_a_transformer_without_blocks() -> None:
+    """The hard model's transformer has no blocks to probe: the counter sits beneath MeanCache's hook there."""
+    from meancache_cli.bench.peers import FullEvaluationCounter, meancache_method
+    from meancache_cli.models.hard import load_hard_pipeline
+    from meancache_cli.planning import uniform_schedule
+
+    pipe = load_hard_pipeline()
+    counter = FullEvaluationCounter(pipe)
+    call = {"num_inference_steps": 12, "height": 32, "width": 32, "max_sequence_length": 16, "output_type": "latent"}
+    reuse = meancache_method("reuse", uniform_schedule("hard", 12, 4))
+    for method, guidance, expected in ((None, 1.0, 12), (reuse, 1.0, 4), (reuse, 4.0, 8)):
+        before = counter.count
+        with method.applied(pipe) if method is not None else contextlib.nullcontext():
+            pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0),
+                 true_cfg_scale=guidance, negative_prompt="" if guidance > 1 else None, **call)
+        assert counter.count - before == expected
+    counter.remove()
