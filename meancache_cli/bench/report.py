@@ -20,6 +20,7 @@ import numpy as np
 from ..files import write_atomic
 from .metrics import LOW_PSNR, PairWins, pair_distribution, wins_over_best
 from .peers import SOLVERS
+from .realsize_report import RESULTS_FILE as REALSIZE_FILE
 from .realsize_report import real_size_section
 
 RESULTS_FILE = "results.json"
@@ -709,7 +710,9 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
     for config in results["configs"]:
         lines += config_section(results, config, out_dir, report_path)
     lines += ablation_sections(results)
-    lines += real_size_section(out_dir)
+    if results["model"] == "demo" or (out_dir / REALSIZE_FILE).exists():
+        # `bench --real-size` writes beside the demo's report: another model's report shows it only when it has one.
+        lines += real_size_section(out_dir)
     lines += ["## Figures", "",
               f"![PSNR against speed-up, one line per method]({_link(out_dir, PARETO_FILE, report_path)})", "",
               f"Raw numbers, per image and per timed run, and every method's settings: "
