@@ -657,8 +657,8 @@ def inspect_file(
     """Summarize a calibration or a schedule, and plot the error map with the chosen path."""
     from .core.stability import COST_KINDS
     from .files import Schedule, load_calibration, load_file, resolve_reference
-    from .inspect import plot as plot_file
-    from .inspect import summary, summary_text
+    from .inspection import plot as plot_file
+    from .inspection import summary, summary_text
 
     if cost not in COST_KINDS:
         raise UsageError(f"--cost {cost} is unknown: use one of {', '.join(COST_KINDS)}")

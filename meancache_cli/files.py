@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from .core.stability import COST_KINDS, EDGE_KINDS, EdgeMaps, defined_mask
+from .core.stability import COST_KINDS, EDGE_KINDS, EdgeErrors, defined_mask
 from .errors import FileFormatError, interrupts_raise
 
 # Version 3: schedules name each edge's estimate (`kinds`) and may carry their validation; calibrations add
@@ -469,7 +469,7 @@ class Calibration:
     model: str
     pipeline_class: str
     sigmas: np.ndarray
-    errors: EdgeMaps
+    errors: EdgeErrors
     step_statistics: dict[str, np.ndarray]
     prompts: list[str]
     seeds: list[int]
@@ -589,7 +589,7 @@ def parse_calibration(raw: bytes, source: str) -> Calibration:
     return Calibration(
         model=_require(meta, "model", str, source),
         pipeline_class=_require(meta, "pipeline_class", str, source),
-        sigmas=sigmas, errors=EdgeMaps(reuse, jvp, tuple(float(v) for v in lambdas), exp),
+        sigmas=sigmas, errors=EdgeErrors(reuse, jvp, tuple(float(v) for v in lambdas), exp),
         step_statistics={name: arrays[name] for name in STEP_STATISTICS},
         prompts=_require(meta, "prompts", list, source), seeds=_require(meta, "seeds", list, source),
         height=_require(meta, "height", (int, type(None)), source),

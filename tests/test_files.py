@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import yaml
 
-from meancache_cli.core.stability import EdgeMaps, defined_mask
+from meancache_cli.core.stability import EdgeErrors, defined_mask
 from meancache_cli.errors import FileFormatError
 from meancache_cli.files import (
     Calibration,
@@ -27,7 +27,7 @@ def make_calibration(n: int = 6, max_back: int = 2) -> Calibration:
                        rng.random((1, 4, 8)).astype(np.float32))]
     return Calibration(
         model="demo", pipeline_class="FluxPipeline", sigmas=np.linspace(1, 0, n + 1),
-        errors=EdgeMaps(reuse, jvp, (0.5, 1.0), exp), call_kwargs={"num_inference_steps": n, "height": 32},
+        errors=EdgeErrors(reuse, jvp, (0.5, 1.0), exp), call_kwargs={"num_inference_steps": n, "height": 32},
         held_out=held, stability={"budget": 2, "map_runs": 2, "shared_steps": 1, "regret": 0.25},
         step_statistics={name: rng.random(n) for name in ("velocity_norm", "velocity_change",
                                                            "mean_velocity_change")},
