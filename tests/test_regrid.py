@@ -238,7 +238,8 @@ def test_a_schedule_moves_by_sigma_and_keeps_its_edges() -> None:
     shifted = schedule_on_sigmas(planned, ShiftedGrid(6.0).sigmas(50))
     assert shifted.compute_steps != planned.compute_steps and shifted.budget == 6
     # Without recorded sigmas the schedule is taken as planned on this run's grid at its own step count.
-    bare = Schedule(model="m", num_inference_steps=50, compute_steps=planned.compute_steps, orders=planned.orders)
+    bare = Schedule(model="m", num_inference_steps=50, compute_steps=planned.compute_steps, orders=planned.orders,
+                    lambdas=planned.lambdas)
     assert schedule_on_sigmas(bare, ShiftedGrid(6.0).sigmas(50)) is bare
     assert schedule_on_sigmas(bare, grid.sigmas(30)).compute_steps == moved.compute_steps
     with pytest.raises(ScheduleMismatchError, match="the schedule makes 6 evaluations per branch but this run has "
@@ -258,10 +259,10 @@ def test_release_windows_scale_with_the_step_count() -> None:
 
 
 def test_a_schedule_file_keeps_its_sigmas_and_refuses_bad_ones() -> None:
-    schedule = Schedule(model="m", num_inference_steps=3, compute_steps=[0, 2], orders=[0, 1],
+    schedule = Schedule(model="m", num_inference_steps=3, compute_steps=[0, 2], orders=[0, 1], lambdas=[0.0, 1.0],
                         sigmas=[1.0, 0.75, 0.4, 0.0])
     assert parse_schedule(schedule.to_yaml(), "s") == schedule
-    bare = Schedule(model="m", num_inference_steps=3, compute_steps=[0, 2], orders=[0, 1])
+    bare = Schedule(model="m", num_inference_steps=3, compute_steps=[0, 2], orders=[0, 1], lambdas=[0.0, 1.0])
     assert "sigmas" not in bare.to_yaml() and parse_schedule(bare.to_yaml(), "s").sigmas is None
     bad = schedule.to_yaml().replace("sigmas: [1.0, 0.75, 0.4, 0.0]", "sigmas: [1.0, 0.75, 0.8, 0.0]")
     with pytest.raises(FileFormatError, match=r"'sigmas' must be num_inference_steps \+ 1 = 4 finite, strictly"):
