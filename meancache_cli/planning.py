@@ -36,7 +36,7 @@ def plan_schedule(
     gamma: float = defaults.RECIPE.gamma,
     cost: str = defaults.RECIPE.cost,
     max_skip: int | None = None,
-    kmax: int = 1,
+    kmax: int = defaults.KMAX,
     calibration_path: str | Path | None = None,
     lambdas: tuple[float, ...] | None = None,
     exponential: bool = defaults.RECIPE.exponential,
