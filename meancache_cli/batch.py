@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import defaults
+from .calibration import Progress
 from .distributed import World
 from .files import Schedule, write_atomic
 from .generate import generate, provenance, save_output
@@ -91,9 +93,10 @@ def pending_jobs(jobs: list[Job], world: World) -> list[Job]:
 
 def generate_batch(pipe: Any, spec: ModelSpec, jobs: list[Job], call_kwargs: dict[str, Any],
                    schedule: Schedule | None, out_dir: Path, batch_size: int, world: World, fps: int | None,
-                   on_image: Callable[[], None] | None = None, strict: bool = False) -> dict[str, Any] | None:
+                   strict: bool = False, progress: Progress | None = None) -> dict[str, Any] | None:
     """Every job into `out_dir/` (images or videos by the model's kind), then the merged manifest.
 
+    `progress(jobs)`, given how many jobs this process has left, opens the callback that sees each finished one.
     Returns the summary on rank 0 and None on the other ranks, which leave reporting to rank 0.
     """
     out_dir.mkdir(exist_ok=True)
@@ -101,7 +104,9 @@ def generate_batch(pipe: Any, spec: ModelSpec, jobs: list[Job], call_kwargs: dic
     def save(item: Any, path: Path, record: dict[str, Any]) -> None:
         save_output(item, path, spec, fps, {"model": spec.name, "steps": call_kwargs["num_inference_steps"], **record})
 
-    done = run_batch(pipe, jobs, call_kwargs, schedule, save, batch_size, world, on_image=on_image, strict=strict)
+    left = len(pending_jobs(jobs, world))
+    with progress(left) if progress is not None else nullcontext() as on_image:
+        done = run_batch(pipe, jobs, call_kwargs, schedule, save, batch_size, world, on_image=on_image, strict=strict)
     world.barrier()
     if not world.is_main:
         return None

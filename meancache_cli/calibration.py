@@ -36,6 +36,8 @@ from .hooks import RecorderHook, apply_recorder, remove_recorder
 from .models.registry import ModelSpec
 
 StepCallback = Callable[[], None]
+# Given how many runs (or outputs) are ahead, opens the callback that sees each step (or output) done.
+Progress = Callable[[int], AbstractContextManager[StepCallback | None]]
 JSON_VALUES = (str, int, float, bool, type(None))
 
 
@@ -304,7 +306,7 @@ def calibrate_to_file(
     auto_max_runs: int | None = None,
     resume: bool = False,
     world: World | None = None,
-    progress: Callable[[int], AbstractContextManager[StepCallback | None]] | None = None,
+    progress: Progress | None = None,
     on_stability: Callable[[PlanStability], None] | None = None,
 ) -> WrittenCalibration | None:
     """`run_calibration` written to `out`, resumable: `meancache calibrate`.

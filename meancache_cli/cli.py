@@ -15,72 +15,20 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from typer.core import TyperCommand, TyperGroup
 
 from . import defaults, options
 from .errors import INTERRUPTED_EXIT, Interrupted, MeanCacheError, UsageError, as_flags, describe, raise_on_signals
 
-
-class _BareFlags:
-    """typer's help shows a flag as `--json <bool>`, as if it took a value: show flags bare."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-        return params
-
-
-class Command(_BareFlags, TyperCommand):
-    pass
-
-
-class Group(_BareFlags, TyperGroup):
-    pass
-
-
 app = typer.Typer(
-    cls=Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=options.Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Training-free average-velocity caching for diffusers flow-matching pipelines.",
 )
 stderr = Console(stderr=True)
 DEBUG = {"on": False}
 
-ModelOption = Annotated[str, typer.Option("--model", help="Registered model name or local pipeline directory.")]
-HeightOption = Annotated[int | None, typer.Option(help="Image height (model default if omitted).")]
-WidthOption = Annotated[int | None, typer.Option(help="Image width (model default if omitted).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-CfgOption = Annotated[float | None, typer.Option("--true-cfg-scale", help="True CFG scale (needs a negative prompt).")]
-NegativeOption = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt for true CFG.")]
-GuidanceOption = Annotated[float | None, typer.Option("--guidance-scale", help="Embedded guidance scale.")]
-DeviceOption = Annotated[str, typer.Option("--device", help="Torch device.")]
-FramesOption = Annotated[int | None, typer.Option("--frames", help="Video frames (video models; default if omitted).")]
-DtypeOption = Annotated[str | None, typer.Option("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32).")]
-OffloadOption = Annotated[bool, typer.Option("--offload", help="Keep each part on the CPU until it runs.")]
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("meancache-cli")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
-def print_version(value: bool) -> None:
-    if value:
-        print(f"meancache {package_version()}")
-        raise typer.Exit()
-
 
 @app.callback()
-def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
-                                          callback=print_version)] = False,
-) -> None:
+def main_options(debug: options.DebugOption = False, version: options.VersionOption = False) -> None:
     DEBUG["on"] = debug
     if not debug:
         # Libraries' FutureWarnings and notices are for their developers, not for someone running a command.
@@ -126,41 +74,25 @@ def load(spec: Any, device: str, dtype: str | None, offload: bool, call_kwargs: 
     return pipe
 
 
-@app.command(cls=Command)
+@app.command(cls=options.Command)
 def calibrate(
-    out: Annotated[Path, typer.Option("--out", help="Calibration file to write (.safetensors).")],
-    model: ModelOption = defaults.MODEL,
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A calibration prompt (repeatable).")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="File with one prompt per line.")] = None,
-    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (model default if omitted).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampler steps N (model default if omitted).")] = None,
-    height: HeightOption = None,
-    width: WidthOption = None,
-    frames: FramesOption = None,
-    max_back: Annotated[int, typer.Option(
-        "--max-back", help="Look-back in steps: edge costs are measured for a previous compute step up to this far "
-        "before the edge.")] = defaults.MAX_BACK,
-    lambdas: Annotated[str, typer.Option(help="Comma-separated JVP dampings λ in (0, 1] to measure.")]
-    = ",".join(f"{value:g}" for value in defaults.LAMBDAS),
-    max_elements: Annotated[int, typer.Option(
-        "--max-elements", help="Measure the maps on a fixed random subset of this many latent elements (0: all).")]
-    = defaults.MAX_ELEMENTS,
-    holdout: Annotated[int | None, typer.Option(
-        "--holdout", help=f"Runs kept out of the maps to validate plans on (default: up to {defaults.HOLDOUT}, at "
-        "most a third).")]
-    = None,
-    runs: Annotated[str | None, typer.Option(
-        "--runs", help="auto: add seeds until plans from two halves of the runs agree (see --max-runs).")] = None,
-    max_runs: Annotated[int, typer.Option("--max-runs", help="With --runs auto: the most map runs.")]
-    = defaults.AUTO_MAX_RUNS,
-    true_cfg_scale: CfgOption = None,
-    negative_prompt: NegativeOption = None,
-    guidance_scale: GuidanceOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Reuse the runs an interrupted calibration saved.")] = False,
-    device: DeviceOption = defaults.DEVICE,
-    dtype: DtypeOption = None,
-    offload: OffloadOption = False,
-    as_json: JsonOption = False,
+    out: options.CalibrationOutOption,
+    model: options.ModelOption = defaults.MODEL,
+    prompt: options.CalibrationPromptOption = None, prompts: options.PromptsFileOption = None,
+    seeds: options.SeedsOption = None,
+    steps: options.ModelStepsOption = None,
+    height: options.HeightOption = None, width: options.WidthOption = None, frames: options.FramesOption = None,
+    max_back: options.MaxBackOption = defaults.MAX_BACK,
+    lambdas: options.MeasuredLambdasOption = options.LAMBDAS_TEXT,
+    max_elements: options.MaxElementsOption = defaults.MAX_ELEMENTS,
+    holdout: options.HoldoutOption = None,
+    runs: options.RunsOption = None, max_runs: options.MaxRunsOption = defaults.AUTO_MAX_RUNS,
+    true_cfg_scale: options.CfgOption = None, negative_prompt: options.NegativeOption = None,
+    guidance_scale: options.GuidanceOption = None,
+    resume: options.ResumeOption = False,
+    device: options.DeviceOption = defaults.DEVICE, dtype: options.DtypeOption = None,
+    offload: options.OffloadOption = False,
+    as_json: options.JsonOption = False,
 ) -> None:
     """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
     from .calibration import MapSettings, PlanStability, calibrate_to_file, reference_run_kwargs
@@ -211,33 +143,18 @@ def calibrate(
     emit(summary, as_json, text, to_stderr=to_stdout)
 
 
-@app.command("plan", cls=Command)
+@app.command("plan", cls=options.Command)
 def plan(
-    calibration: Annotated[str, typer.Option("--calibration", help="Calibration file, or - for stdin.")],
-    budget: Annotated[int, typer.Option("--budget", help="Model evaluations per generation (B).")],
-    model: Annotated[str | None, typer.Option("--model", help=(
-        "The calibrated model: validate candidate recipes by cached runs on the calibration's held-out runs and "
-        "keep the best (without it: plan the default recipe, or the one the options below give)."))] = None,
-    gamma: Annotated[float | None, typer.Option(help=(
-        "Peak suppression γ ≥ 0: minimizes Σ cost^(1+γ) (0 = plain shortest path; large → min-max). "
-        f"Default {defaults.RECIPE.gamma:g}."))] = None,
-    cost: Annotated[str | None, typer.Option(
-        help=f"Edge cost: velocity (E) or displacement (|Δσ|·E). Default {defaults.RECIPE.cost}.")] = None,
-    lambdas: Annotated[str | None, typer.Option(
-        help="Comma-separated dampings λ the planner may use (a subset of the calibration's).")] = None,
-    exponential: Annotated[bool | None, typer.Option(
-        "--exp/--no-exp", help="Let edges use the exponential integrator (DPM-Solver++(2M) as a mean velocity).")]
-    = None,
-    max_skip: Annotated[int | None, typer.Option("--max-skip", help="Longest edge in steps.")] = None,
-    kmax: Annotated[int, typer.Option(
-        help="Largest order K: 0 = velocity reuse only, 1 = the JVP from the previous compute step.")]
-    = defaults.KMAX,
-    steps: Annotated[int | None, typer.Option(
-        help="Sampler steps to plan for, at most the calibration's (default: the calibration's).")] = None,
-    device: DeviceOption = defaults.DEVICE,
-    dtype: DtypeOption = None,
-    out: Annotated[str, typer.Option("--out", help="Schedule file to write, or - for stdout.")] = "-",
-    as_json: JsonOption = False,
+    calibration: options.CalibrationFileOption,
+    budget: options.BudgetOption,
+    model: options.ValidateModelOption = None,
+    gamma: options.GammaOption = None, cost: options.CostOption = None, lambdas: options.PlanLambdasOption = None,
+    exponential: options.ExponentialOption = None,
+    max_skip: options.MaxSkipOption = None, kmax: options.KmaxOption = defaults.KMAX,
+    steps: options.PlanStepsOption = None,
+    device: options.DeviceOption = defaults.DEVICE, dtype: options.DtypeOption = None,
+    out: options.ScheduleOutOption = "-",
+    as_json: options.JsonOption = False,
 ) -> None:
     """Choose the compute steps: the cheapest path with exactly BUDGET model evaluations, validated on held-out
     calibration runs when --model is given."""
@@ -274,74 +191,46 @@ def plan(
     emit(summary, as_json, schedule_text(schedule), to_stderr=to_stdout)
 
 
-app.command("schedule", cls=Command, help="Alias of plan.")(plan)
+app.command("schedule", cls=options.Command, help="Alias of plan.")(plan)
 
 
-@app.command(cls=Command)
+@app.command(cls=options.Command)
 def generate(
-    out: Annotated[Path, typer.Option("--out", help="Image (.png, .jpg, .webp) or video (.mp4, .gif) to write; "
-                                      "a directory with --prompts.")],
-    prompt: Annotated[str | None, typer.Option("--prompt", help="The prompt.")] = None,
-    prompts: Annotated[Path | None, typer.Option(
-        "--prompts", help="File with one prompt per line: numbered outputs and manifest.jsonl in --out DIR.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per pipeline call with --prompts.")]
-    = defaults.BATCH_SIZE,
-    context_parallel: Annotated[int | None, typer.Option(
-        "--context-parallel", help="Split each generation across N GPUs (diffusers context parallelism, torchrun).")
-    ] = None,
-    model: ModelOption = defaults.MODEL,
-    schedule: Annotated[str | None, typer.Option(
-        "--schedule", help="Schedule file, - for stdin, or a shipped schedule (qwen-image/authors-b10).")] = None,
-    budget: Annotated[int | None, typer.Option(
-        "--budget", help="Use the shipped schedule for this model and budget (no calibration needed).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Run the uncached pipeline.")] = False,
-    steps: Annotated[int | None, typer.Option(
-        help="Sampler steps N (the schedule's if omitted; another N runs the schedule mapped by σ).")] = None,
-    strict_schedule: Annotated[bool, typer.Option(
-        "--strict-schedule", help="Refuse a schedule planned for other steps instead of mapping it by σ.")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = defaults.SEED,
-    height: HeightOption = None,
-    width: WidthOption = None,
-    frames: FramesOption = None,
-    fps: Annotated[int | None, typer.Option("--fps", help="Video frames per second (model default).")] = None,
-    true_cfg_scale: CfgOption = None,
-    negative_prompt: NegativeOption = None,
-    guidance_scale: GuidanceOption = None,
-    compare: Annotated[bool, typer.Option("--compare", help="Also run uncached: report speed-up and PSNR.")] = False,
-    repeat: Annotated[int, typer.Option(help="Timed runs per variant with --compare (median).")] = defaults.REPEAT,
-    device: DeviceOption = defaults.DEVICE,
-    dtype: DtypeOption = None,
-    offload: OffloadOption = False,
-    as_json: JsonOption = False,
+    out: options.GenerateOutOption,
+    prompt: options.PromptOption = None,
+    prompts: options.BatchPromptsOption = None, batch_size: options.BatchSizeOption = defaults.BATCH_SIZE,
+    context_parallel: options.ContextParallelOption = None,
+    model: options.ModelOption = defaults.MODEL,
+    schedule: options.ScheduleOption = None, budget: options.ShippedBudgetOption = None,
+    no_cache: options.NoCacheOption = False,
+    steps: options.GenerateStepsOption = None, strict_schedule: options.StrictScheduleOption = False,
+    seed: options.SeedOption = defaults.SEED,
+    height: options.HeightOption = None, width: options.WidthOption = None, frames: options.FramesOption = None,
+    fps: options.FpsOption = None,
+    true_cfg_scale: options.CfgOption = None, negative_prompt: options.NegativeOption = None,
+    guidance_scale: options.GuidanceOption = None,
+    compare: options.CompareOption = False, repeat: options.RepeatOption = defaults.REPEAT,
+    device: options.DeviceOption = defaults.DEVICE, dtype: options.DtypeOption = None,
+    offload: options.OffloadOption = False,
+    as_json: options.JsonOption = False,
 ) -> None:
     """Generate an image or a video, running the model only at the schedule's compute steps."""
-    from .batch import generate_batch, pending_jobs, plan_jobs
+    from .batch import generate_batch, plan_jobs
     from .calibration import reference_run_kwargs
     from .distributed import current_world, enable_context_parallel
     from .files import load_schedule, shipped_schedule_for
     from .generate import check_schedule, compare_with_uncached, provenance, save_output
     from .generate import generate as run_generation
     from .models.registry import resolve_model
-    from .outputs import check_output_folder, check_output_path, video_output_path
 
     options.check_generate_options(schedule, budget, no_cache, prompt, prompts, repeat, batch_size)
     spec = resolve_model(model)
     if budget is not None:
         schedule = shipped_schedule_for(spec.family or spec.name, budget)
     options.check_frames(spec, frames)
-    video = spec.fps is not None
-    if prompts is not None:
-        prompt_list = options.read_prompts([], prompts, [])
-        check_output_folder(out)
-    else:
-        check_output_path(out, video=video)
-    if fps is not None and fps < 1:
-        raise UsageError(f"--fps {fps} is invalid: use 1 or more")
-    if video and prompts is None:
-        out, fallback = video_output_path(out)
-        if fallback:
-            warn(fallback)
-    options.check_seed(seed, count=len(prompt_list) if prompts is not None else 1)
+    prompt_list, out, fallback = options.generate_outputs(spec, prompt, prompts, out, fps)
+    warn(fallback)
+    options.check_seed(seed, count=len(prompt_list))
     options.check_size(height, width)
     plan = load_schedule(schedule) if schedule is not None else None
     steps = steps if steps is not None else (plan.num_inference_steps if plan else spec.steps)
@@ -352,28 +241,27 @@ def generate(
         for message in check_schedule(plan, spec.name, steps, kwargs.get("height"), kwargs.get("width"),
                                       spec.family, strict_schedule):
             warn(message)
-    warn(options.vocabulary_warning(spec, [prompt] if prompts is None else prompt_list))
+    warn(options.vocabulary_warning(spec, prompt_list))
     world = current_world()
     pipe = load(spec, world.device(device), dtype, offload, kwargs)
     if context_parallel is not None:
         enable_context_parallel(pipe, context_parallel, world)
     if prompts is not None:
-        jobs = plan_jobs(prompt_list, seed, out, ".gif" if video else ".png")
-        mine = len(pending_jobs(jobs, world))
-        with progress_bar(f"generating {mine} outputs", mine, enabled=world.is_main) as advance:
-            done = generate_batch(pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, on_image=advance,
-                                  strict=strict_schedule)
+        jobs = plan_jobs(prompt_list, seed, out, ".png" if spec.fps is None else ".gif")
+        done = generate_batch(
+            pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, strict=strict_schedule,
+            progress=lambda left: progress_bar(f"generating {left} outputs", left, enabled=world.is_main))
         if done is not None:
             emit(done, as_json, f"wrote {done.pop('written')} outputs to {out} (manifest.jsonl); "
                  f"{done['generated']} generated here")
         return
     with progress_bar("generating", steps) as advance:
         result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance, strict=strict_schedule)
-    frames = {"frames": len(result.images[0])} if video else {}
+    video = {"frames": len(result.images[0])} if spec.fps is not None else {}
     summary = {"output": str(out), "nfe": result.nfe, "steps": steps, "seconds": result.seconds,
-               "model": spec.name, "seed": seed, "cached": plan is not None, **frames}
+               "model": spec.name, "seed": seed, "cached": plan is not None, **video}
     save_output(result.images[0], out, spec, fps,
-                provenance(plan, model=spec.name, prompt=prompt, seed=seed, steps=steps, nfe=result.nfe, **frames))
+                provenance(plan, model=spec.name, prompt=prompt, seed=seed, steps=steps, nfe=result.nfe, **video))
     text = f"wrote {out}: {result.nfe} model evaluations for {steps} steps in {result.seconds:.2f} s"
     if compare and plan is not None:
         with progress_bar("timing cached vs uncached", 2 * repeat + 2) as advance:
@@ -386,9 +274,9 @@ def generate(
     emit(summary, as_json, text)
 
 
-@app.command(cls=Command)
+@app.command(cls=options.Command)
 def bench(
-    model: ModelOption = defaults.MODEL,
+    model: options.ModelOption = defaults.MODEL,
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few prompts, B = 10, 3 timed runs each.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Directory for results.json and figures.")] = Path("docs/bench"),
     report: Annotated[Path | None, typer.Option(
@@ -413,7 +301,7 @@ def bench(
         "With --real-size: the compiled rows, comma-separated: regional (repeated blocks), whole (the forward), "
         "module (transformer.compile()), wrapped (torch.compile(transformer)); or none. Default: "
         "regional,module,wrapped."))] = None,
-    as_json: JsonOption = False,
+    as_json: options.JsonOption = False,
 ) -> None:
     """Benchmark MeanCache against every peer on one model, prompts and seeds, in one process;
     or, with --real-size, its speed and memory on full-size transformers (needs CUDA)."""
@@ -459,14 +347,13 @@ def bench_real_size(out: Path, report: Path | None, budgets: tuple[int, ...] | N
          f"{text}\nwrote {report} and {out / 'realsize.json'}")
 
 
-@app.command("inspect", cls=Command)
+@app.command("inspect", cls=options.Command)
 def inspect_file(
-    path: Annotated[str, typer.Argument(help="A calibration or a schedule file (- for stdin).")],
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: error map, path, velocity change.")] = None,
-    calibration: Annotated[str | None, typer.Option(
-        "--calibration", help="Calibration to draw a schedule on (default: the one it was planned from).")] = None,
-    cost: Annotated[str, typer.Option(help="Map to draw: displacement or velocity.")] = defaults.RECIPE.cost,
-    as_json: JsonOption = False,
+    path: options.InspectPathArgument,
+    plot: options.PlotOption = None,
+    calibration: options.PlotCalibrationOption = None,
+    cost: options.PlotCostOption = defaults.RECIPE.cost,
+    as_json: options.JsonOption = False,
 ) -> None:
     """Summarize a calibration or a schedule, and plot the error map with the chosen path."""
     from .core.stability import COST_KINDS
@@ -489,8 +376,8 @@ def inspect_file(
     emit(data, as_json, summary_text(data))
 
 
-@app.command(cls=Command)
-def models(as_json: JsonOption = False) -> None:
+@app.command(cls=options.Command)
+def models(as_json: options.JsonOption = False) -> None:
     """List the registered models."""
     from .models.registry import registered_models
 

@@ -1,17 +1,151 @@
-"""The command line's option parsing and checks, kept beside `cli.py` so that it stays a thin shell.
+"""The command line's options: their declarations (flag, help), parsing and checks, kept beside `cli.py` so
+that it stays a thin shell (parse, call the library, print).
 
 These belong to the CLI, not the library: each message names a flag (`--seeds`, `--height`), while the
 library's functions check their keywords in their own words (`budget=`, which the CLI turns into flags).
 `cli.py` is their only user. Like it they import the library lazily, so a bad option is refused at once.
+The defaults the options show come from `defaults.py`, given where `cli.py` declares each parameter.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from . import defaults
 from .errors import MeanCacheError, UsageError
+
+
+class _BareFlags:
+    """typer's help shows a flag as `--json <bool>`, as if it took a value: show flags bare."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_BareFlags, TyperCommand):
+    pass
+
+
+class Group(_BareFlags, TyperGroup):
+    pass
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meancache-cli")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def print_version(value: bool) -> None:
+    """--version: print it and exit before any command runs."""
+    if value:
+        print(f"meancache {package_version()}")
+        raise typer.Exit()
+
+
+# Options before the command, and options several commands share.
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+VersionOption = Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                             callback=print_version)]
+ModelOption = Annotated[str, typer.Option("--model", help="Registered model name or local pipeline directory.")]
+HeightOption = Annotated[int | None, typer.Option(help="Image height (model default if omitted).")]
+WidthOption = Annotated[int | None, typer.Option(help="Image width (model default if omitted).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+CfgOption = Annotated[float | None, typer.Option("--true-cfg-scale", help="True CFG scale (needs a negative prompt).")]
+NegativeOption = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt for true CFG.")]
+GuidanceOption = Annotated[float | None, typer.Option("--guidance-scale", help="Embedded guidance scale.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="Torch device.")]
+FramesOption = Annotated[int | None, typer.Option("--frames", help="Video frames (video models; default if omitted).")]
+DtypeOption = Annotated[str | None, typer.Option("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32).")]
+OffloadOption = Annotated[bool, typer.Option("--offload", help="Keep each part on the CPU until it runs.")]
+
+# calibrate
+CalibrationOutOption = Annotated[Path, typer.Option("--out", help="Calibration file to write (.safetensors).")]
+CalibrationPromptOption = Annotated[list[str] | None, typer.Option(
+    "--prompt", help="A calibration prompt (repeatable).")]
+PromptsFileOption = Annotated[Path | None, typer.Option("--prompts", help="File with one prompt per line.")]
+SeedsOption = Annotated[str | None, typer.Option(help="Comma-separated seeds (model default if omitted).")]
+ModelStepsOption = Annotated[int | None, typer.Option(help="Sampler steps N (model default if omitted).")]
+MaxBackOption = Annotated[int, typer.Option(
+    "--max-back", help="Look-back in steps: edge costs are measured for a previous compute step up to this far "
+    "before the edge.")]
+LAMBDAS_TEXT = ",".join(f"{value:g}" for value in defaults.LAMBDAS)  # calibrate's default --lambdas, as typed
+MeasuredLambdasOption = Annotated[str, typer.Option(help="Comma-separated JVP dampings λ in (0, 1] to measure.")]
+MaxElementsOption = Annotated[int, typer.Option(
+    "--max-elements", help="Measure the maps on a fixed random subset of this many latent elements (0: all).")]
+HoldoutOption = Annotated[int | None, typer.Option(
+    "--holdout", help=f"Runs kept out of the maps to validate plans on (default: up to {defaults.HOLDOUT}, at "
+    "most a third).")]
+RunsOption = Annotated[str | None, typer.Option(
+    "--runs", help="auto: add seeds until plans from two halves of the runs agree (see --max-runs).")]
+MaxRunsOption = Annotated[int, typer.Option("--max-runs", help="With --runs auto: the most map runs.")]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Reuse the runs an interrupted calibration saved.")]
+
+# plan
+CalibrationFileOption = Annotated[str, typer.Option("--calibration", help="Calibration file, or - for stdin.")]
+BudgetOption = Annotated[int, typer.Option("--budget", help="Model evaluations per generation (B).")]
+ValidateModelOption = Annotated[str | None, typer.Option("--model", help=(
+    "The calibrated model: validate candidate recipes by cached runs on the calibration's held-out runs and "
+    "keep the best (without it: plan the default recipe, or the one the options below give)."))]
+GammaOption = Annotated[float | None, typer.Option(help=(
+    "Peak suppression γ ≥ 0: minimizes Σ cost^(1+γ) (0 = plain shortest path; large → min-max). "
+    f"Default {defaults.RECIPE.gamma:g}."))]
+CostOption = Annotated[str | None, typer.Option(
+    help=f"Edge cost: velocity (E) or displacement (|Δσ|·E). Default {defaults.RECIPE.cost}.")]
+PlanLambdasOption = Annotated[str | None, typer.Option(
+    help="Comma-separated dampings λ the planner may use (a subset of the calibration's).")]
+ExponentialOption = Annotated[bool | None, typer.Option(
+    "--exp/--no-exp", help="Let edges use the exponential integrator (DPM-Solver++(2M) as a mean velocity).")]
+MaxSkipOption = Annotated[int | None, typer.Option("--max-skip", help="Longest edge in steps.")]
+KmaxOption = Annotated[int, typer.Option(
+    help="Largest order K: 0 = velocity reuse only, 1 = the JVP from the previous compute step.")]
+PlanStepsOption = Annotated[int | None, typer.Option(
+    help="Sampler steps to plan for, at most the calibration's (default: the calibration's).")]
+ScheduleOutOption = Annotated[str, typer.Option("--out", help="Schedule file to write, or - for stdout.")]
+
+# generate
+GenerateOutOption = Annotated[Path, typer.Option(
+    "--out", help="Image (.png, .jpg, .webp) or video (.mp4, .gif) to write; a directory with --prompts.")]
+PromptOption = Annotated[str | None, typer.Option("--prompt", help="The prompt.")]
+BatchPromptsOption = Annotated[Path | None, typer.Option(
+    "--prompts", help="File with one prompt per line: numbered outputs and manifest.jsonl in --out DIR.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Prompts per pipeline call with --prompts.")]
+ContextParallelOption = Annotated[int | None, typer.Option(
+    "--context-parallel", help="Split each generation across N GPUs (diffusers context parallelism, torchrun).")]
+ScheduleOption = Annotated[str | None, typer.Option(
+    "--schedule", help="Schedule file, - for stdin, or a shipped schedule (qwen-image/authors-b10).")]
+ShippedBudgetOption = Annotated[int | None, typer.Option(
+    "--budget", help="Use the shipped schedule for this model and budget (no calibration needed).")]
+NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Run the uncached pipeline.")]
+GenerateStepsOption = Annotated[int | None, typer.Option(
+    help="Sampler steps N (the schedule's if omitted; another N runs the schedule mapped by σ).")]
+StrictScheduleOption = Annotated[bool, typer.Option(
+    "--strict-schedule", help="Refuse a schedule planned for other steps instead of mapping it by σ.")]
+SeedOption = Annotated[int, typer.Option(help="Random seed.")]
+FpsOption = Annotated[int | None, typer.Option("--fps", help="Video frames per second (model default).")]
+CompareOption = Annotated[bool, typer.Option("--compare", help="Also run uncached: report speed-up and PSNR.")]
+RepeatOption = Annotated[int, typer.Option(help="Timed runs per variant with --compare (median).")]
+
+# inspect
+InspectPathArgument = Annotated[str, typer.Argument(help="A calibration or a schedule file (- for stdin).")]
+PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a PNG: error map, path, velocity change.")]
+PlotCalibrationOption = Annotated[str | None, typer.Option(
+    "--calibration", help="Calibration to draw a schedule on (default: the one it was planned from).")]
+PlotCostOption = Annotated[str, typer.Option(help="Map to draw: displacement or velocity.")]
+
+
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below 2^64
 
@@ -136,6 +270,26 @@ def check_output(out: str | Path, as_json: bool) -> bool:
         raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
     check_output_directory(out)
     return to_stdout
+
+
+def generate_outputs(spec: Any, prompt: str | None, prompts: Path | None, out: Path,
+                     fps: int | None) -> tuple[list[str], Path, str | None]:
+    """generate's prompts and where they go: the lines of --prompts FILE into the folder --out, or the one --prompt
+    into the file --out (a video's may change, the third value says why); and --fps."""
+    from .outputs import check_output_folder, check_output_path, video_output_path
+
+    video = spec.fps is not None
+    if prompts is not None:
+        prompt_list = read_prompts([], prompts, [])
+        check_output_folder(out)
+    else:
+        check_output_path(out, video=video)
+    if fps is not None and fps < 1:
+        raise UsageError(f"--fps {fps} is invalid: use 1 or more")
+    if video and prompts is None:
+        out, fallback = video_output_path(out)
+        return [prompt], out, fallback
+    return (prompt_list if prompts is not None else [prompt]), out, None
 
 
 def check_generate_options(schedule: str | None, budget: int | None, no_cache: bool, prompt: str | None,
