@@ -153,7 +153,7 @@ def plan(
     max_skip: options.MaxSkipOption = None, kmax: options.KmaxOption = defaults.KMAX,
     steps: options.PlanStepsOption = None,
     device: options.DeviceOption = defaults.DEVICE, dtype: options.DtypeOption = None,
-    out: options.ScheduleOutOption = "-",
+    out: options.ScheduleOutOption = defaults.PLAN_OUT,
     as_json: options.JsonOption = False,
 ) -> None:
     """Choose the compute steps: the cheapest path with exactly BUDGET model evaluations, validated on held-out

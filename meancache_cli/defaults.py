@@ -22,6 +22,7 @@ KMAX = 1  # the planner's largest order: 1 = the JVP (or the exponential edge) f
 # defaults to the same value).
 MODEL = "demo"  # the embedded demo model: runs anywhere, offline
 DEVICE = "cpu"
+PLAN_OUT = "-"  # plan writes the schedule to stdout (a pipeline into generate --schedule -)
 SEED = 0  # generate --seed
 BATCH_SIZE = 1  # generate --prompts: prompts per pipeline call
 REPEAT = 3  # generate --compare: timed runs of each variant (the median is reported)
