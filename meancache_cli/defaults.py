@@ -16,6 +16,7 @@ HOLDOUT = 4  # calibration runs kept out of the maps, for validating plans (at m
 AUTO_MAX_RUNS = 32  # `--runs auto`: the most map runs it adds
 STABLE_REGRET = 0.05  # `--runs auto` stops once plans from two halves of the runs cost ≤ 5 % more than each other's
 VALIDATION_SHARE = 1 / 3  # validation may cost at most this share of the calibration's model evaluations
+VALIDATION_MARGIN = 0.5  # dB by which a candidate must beat the default recipe on the held-out runs to replace it
 KMAX = 1  # the planner's largest order: 1 = the JVP (or the exponential edge) from the previous compute step
 
 # What the command line runs when an option is left out (where the library has the same parameter, it

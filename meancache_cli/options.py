@@ -192,15 +192,16 @@ def read_prompts(prompts: list[str], prompts_file: Path | None, defaults: list[s
 
 
 def vocabulary_warning(spec: Any, prompts: list[str]) -> str | None:
-    """The demo model knows only its own words: which ones of `prompts` it will not understand (None: all known)."""
-    if spec.name != "demo":
+    """The demo and hard models know only the demo's words: which ones of `prompts` they will not understand (None:
+    all known)."""
+    if spec.name not in ("demo", "hard"):
         return None
     from .models.demo import VOCABULARY, unknown_words
 
     unknown = sorted({word for prompt in prompts for word in unknown_words(prompt)})
     if not unknown:
         return None
-    return f"the demo model does not know {shorten(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}"
+    return f"the {spec.name} model does not know {shorten(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}"
 
 
 def shorten(words: list[str], count: int = 8, length: int = 24) -> str:

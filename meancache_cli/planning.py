@@ -183,8 +183,12 @@ def held_out_scores(pipe: Any, calibration: Calibration, schedule: Schedule, run
 
 def validate(pipe: Any, calibration: Calibration, budget: int, candidates: Sequence[defaults.Recipe],
              on_run: Callable[[], None] | None = None, **options: Any) -> Schedule:
-    """Plan every candidate recipe, score each distinct schedule on the held-out runs, return the best (the
-    earliest candidate on a tie) with every candidate's scores in its `validation`."""
+    """Plan every candidate recipe, score each distinct schedule on the held-out runs, return the best with
+    every candidate's scores in its `validation`.
+
+    The first candidate is the incumbent: another replaces it only when it scores more than
+    `defaults.VALIDATION_MARGIN` dB higher (a few held-out runs cannot tell recipes apart by less); among the
+    others the earliest wins a tie."""
     if not calibration.held_out:
         raise UsageError("the calibration has no held-out runs to validate on: calibrate with holdout ≥ 1 "
                          "(--holdout), or plan without a pipeline")
@@ -205,7 +209,7 @@ def validate(pipe: Any, calibration: Calibration, budget: int, candidates: Seque
     for index, (recipe, schedule) in enumerate(zip(candidates, planned)):
         same = next(other for other in distinct if _same_plan(schedule, planned[other]))
         score = float(np.mean(scores[same]))
-        if best is None or score > best[0]:
+        if best is None or score > best[0] + (defaults.VALIDATION_MARGIN if best[1] == 0 else 0.0):
             best = (score, index)
         entries.append({"recipe": recipe.name, **asdict(recipe), "lambdas": list(recipe.lambdas),
                         "psnr": [round(value, 3) for value in scores[same]], "score": round(score, 3),
@@ -214,7 +218,7 @@ def validate(pipe: Any, calibration: Calibration, budget: int, candidates: Seque
     evaluations = len(distinct) * runs * budget
     validation = {
         "chosen": candidates[best[1]].name, "metric": "mean latent PSNR (dB) on held-out calibration runs",
-        "runs": runs, "evaluations_per_branch": evaluations,
+        "margin": defaults.VALIDATION_MARGIN, "runs": runs, "evaluations_per_branch": evaluations,
         "calibration_evaluations_per_branch": calibration_evaluations,
         "cost_share": round(evaluations / calibration_evaluations, 4), "candidates": entries,
     }

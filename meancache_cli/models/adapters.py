@@ -39,6 +39,8 @@ ADAPTERS: dict[str, ModelAdapter] = {
     "FluxTransformer2DModel": ModelAdapter(),
     "QwenImageTransformer2DModel": ModelAdapter(),
     "ChromaTransformer2DModel": ModelAdapter(),
+    # The embedded hard model (models/hard.py) runs in a FluxPipeline: the same t / 1000 = σ.
+    "MixtureFlowTransformer2DModel": ModelAdapter(),
     # StableDiffusion3Pipeline, HunyuanVideoPipeline and WanPipeline pass the scheduler's timestep, 1000 · σ.
     "SD3Transformer2DModel": ModelAdapter(sigma_scale=1e-3),
     "HunyuanVideoTransformer3DModel": ModelAdapter(sigma_scale=1e-3),

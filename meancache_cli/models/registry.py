@@ -156,6 +156,10 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = tor
         from .demo import load_demo_pipeline
 
         pipe = load_demo_pipeline(dtype)
+    elif spec.name == "hard":
+        from .hard import load_hard_pipeline
+
+        pipe = load_hard_pipeline(dtype)
     else:
         pipeline_class = getattr(diffusers, spec.pipeline_class, None)
         if pipeline_class is None:
