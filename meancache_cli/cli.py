@@ -280,7 +280,8 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few prompts, B = 10, 3 timed runs each.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Directory for results.json and figures.")] = Path("docs/bench"),
     report: Annotated[Path | None, typer.Option(
-        "--report", help="Markdown report (default docs/benchmarks.md for --out docs/bench, else OUT/).")] = None,
+        "--report", help=("Markdown report (default docs/benchmarks.md for --out docs/bench, "
+                          "docs/benchmarks-NAME.md for docs/bench-NAME, else OUT/benchmarks.md)."))] = None,
     budgets: Annotated[str | None, typer.Option(
         help="Comma-separated budgets B (default 8,10,13,17,25; 10,17,25 with --real-size).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps N (model default if omitted).")] = None,

@@ -3,6 +3,7 @@ counted on a real tiny pipeline, and one quick run."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -226,9 +227,11 @@ def test_bisect_threshold_lands_on_the_budget_and_keeps_progress_exact() -> None
 
 
 @pytest.fixture(scope="module")
-def quick_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object, int, int, list[str]]:
-    """One quick bench: on the demo model when it is present, else on the tiny random pipeline."""
+def quick_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object, int, int, list[str], object, dict]:
+    """One quick bench: on the demo model when it is present, else on the tiny random pipeline; with the pipeline
+    it ran on and its options."""
     from meancache_cli.bench import bench_units, run_bench
+    from meancache_cli.models.registry import load_pipeline, resolve_model
 
     out = tmp_path_factory.mktemp("bench")
     if (DEMO_DIR / "model_index.json").is_file():
@@ -242,12 +245,14 @@ def quick_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object,
                    "call_kwargs": {"max_sequence_length": 16}, "configs": ("plain", "cfg")}
     ticks, stages = [], []
     options["repeats"] = 1  # the suite checks what the bench writes, not its timing: one timed run is enough
-    results = run_bench(out_dir=out, quick=True, advance=lambda: ticks.append(1), stage=stages.append, **options)
-    return results, out, len(ticks), bench_units(quick=True, **options), stages
+    pipe = load_pipeline(resolve_model(options["model"]))
+    results = run_bench(out_dir=out, quick=True, advance=lambda: ticks.append(1), stage=stages.append, pipe=pipe,
+                        **options)
+    return results, out, len(ticks), bench_units(quick=True, **options), stages, pipe, options
 
 
 def test_quick_bench_writes_every_output(quick_bench) -> None:
-    results, out, ticks, units, stages = quick_bench
+    results, out, ticks, units, stages = quick_bench[:5]
     for name in ("results.json", "benchmarks.md", "pareto.png", "grid_plain_B10.png", "grid_cfg_B10.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["budgets"] == [10]
@@ -267,7 +272,7 @@ def test_quick_bench_runs_both_configurations_with_their_own_guidance(quick_benc
     for config in configs.values():
         reference = config["reference"]
         assert len(reference["accuracy_runs"]) == len(quick_bench[0]["prompts"]["evaluation"]["prompts"])
-        assert 0 < reference["accuracy"] < 100  # 50 Euler steps differ from 400
+        assert 0 < reference["accuracy"] < 100  # 50 Euler steps differ from 100 (quick: 2 × N)
 
 
 def test_quick_bench_budget_10_lands_every_method_near_10_evaluations(quick_bench) -> None:
@@ -296,8 +301,9 @@ def test_quick_bench_report_names_the_peers_configurations_and_prompt_sets(quick
     for method in METHODS.values():
         assert method.label in report
     for name in ("UniPC", "DPM-Solver++", "FirstBlockCache", "TaylorSeer", "MagCache", "LeMiCa", "where a peer wins",
-                 "## Summary", "latent PSNR", "accuracy vs 400-step Euler", "uncached 50-step reference",
-                 "MeanCache beats the best solver on each pair", "dynamic range (max − min)"):
+                 "## Summary", "latent PSNR", "accuracy vs 100-step Euler", "uncached 50-step reference",
+                 "MeanCache beats the best solver on each pair", "dynamic range (max − min)", "per-pair distributions",
+                 "validation of MeanCache's plan", "pairs below 20 dB", "10th-percentile latent / decoded PSNR"):
         assert name in report, name
     for config in results["configs"]:
         assert f"## Configuration: {config['label']}" in report
@@ -307,6 +313,96 @@ def test_quick_bench_report_names_the_peers_configurations_and_prompt_sets(quick
     assert not set(prompts["calibration_a"]["seeds"]) & set(prompts["evaluation"]["seeds"])
     for prompt in prompts["calibration_a"]["prompts"] + prompts["evaluation"]["prompts"]:
         assert prompt in report
+
+
+def test_quick_bench_meancache_is_the_plan_validated_on_held_out_calibration_runs(quick_bench) -> None:
+    """The meancache rows carry the validation record, and their schedule is what `plan(..., pipe=...)` makes from
+    a calibration of set A in the same configuration (the default recipe's plan is its own row)."""
+    from meancache_cli.bench.runner import CONFIGS, bench_settings
+    from meancache_cli.calibration import run_calibration
+    from meancache_cli.planning import plan
+
+    results, pipe, options = quick_bench[0], quick_bench[5], quick_bench[6]
+    rows = {(r["config"], r["method"]): r for r in results["results"] if r["budget"] == 10}
+    for config in results["configs"]:
+        record = config["validation"]["10"]
+        assert len(config["calibration"]["held_out"]) >= 1
+        assert record["runs"] >= 1 and 0 < record["cost_share"] <= 1 / 3 + 1e-9
+        names = [candidate["recipe"] for candidate in record["candidates"]]
+        assert record["chosen"] in names and len(names) == len(set(names)) > 1
+        assert all(np.isfinite(candidate["score"]) for candidate in record["candidates"])
+        assert rows[(config["key"], "meancache")]["settings"]["recipe"] == record["chosen"]
+        assert rows[(config["key"], "meancache_default")]["label"] == "MeanCache, default recipe, not validated"
+    settings, spec = bench_settings(quick=True, **{k: v for k, v in options.items() if k != "repeats"})
+    set_a = settings.prompts.calibration_a
+    calibration = run_calibration(pipe, spec.name, set_a.prompts, set_a.seeds,
+                                  settings.config_kwargs(CONFIGS["plain"]))
+    expected = plan(calibration, 10, pipe=pipe)
+    got = rows[("plain", "meancache")]["settings"]
+    assert (got["compute_steps"], got["orders"], got["lambdas"], got["kinds"]) == (
+        expected.compute_steps, expected.orders, expected.lambdas, expected.kinds)
+    assert results["configs"][0]["validation"]["10"] == expected.validation
+
+
+def test_quick_bench_records_the_distributions_of_meancache_and_the_solvers(quick_bench) -> None:
+    results = quick_bench[0]
+    entries = {(e["config"], e["method"]): e for e in results["distributions"] if e["budget"] == 10}
+    for config in ("plain", "cfg"):
+        for method in ("meancache", "meancache_default", *SOLVERS):
+            entry = entries[(config, method)]
+            for metric in ("latent_psnr", "psnr"):
+                stats = entry[metric]
+                assert stats["min"] <= stats["p10"] <= stats["median"]
+                assert 0 <= stats["wins"] <= stats["pairs"] == len(results["prompts"]["evaluation"]["prompts"])
+
+
+def _spread_row(method: str, budget: int, latent: list[float], decoded: list[float]) -> dict:
+    row = _row(method, budget, float(np.mean(decoded)), 4.0, float(np.mean(latent)), latent)
+    row["psnr_runs"] = decoded
+    return row
+
+
+def _percentile_10(values: list[float]) -> float:
+    """The 10th percentile by linear interpolation between order statistics, written out."""
+    ordered = sorted(values)
+    position = 0.1 * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+def test_distributions_match_an_independent_computation_on_constructed_pairs() -> None:
+    from meancache_cli.bench.report import distribution_lines, distribution_table, distributions
+
+    latent = {"meancache": [30.0, 12.0, 45.0, 41.0, 19.5, 38.0, 50.0],
+              "euler": [25.0, 22.0, 30.0, 28.0, 18.0, 39.0, 20.0],
+              "unipc": [31.0, 15.0, 33.0, 35.0, 21.0, 30.0, 44.0],
+              "dpmpp": [29.0, 11.0, 46.0, 36.0, 19.0, 37.0, 49.0]}
+    decoded = {key: [value - 3.0 * (index % 2) for index, value in enumerate(values)]
+               for key, values in latent.items()}
+    results = _results([_spread_row(key, 10, latent[key], decoded[key]) for key in latent])
+    entries = {e["method"]: e for e in distributions(results)}
+    assert set(entries) == set(latent)
+    for method in latent:
+        others = [key for key in ("euler", "unipc", "dpmpp") if key != method]
+        for metric, values in (("latent_psnr", latent), ("psnr", decoded)):
+            ours = values[method]
+            ordered = sorted(ours)
+            stats = entries[method][metric]
+            assert stats["median"] == pytest.approx(ordered[len(ordered) // 2])  # 7 pairs: the 4th value
+            assert stats["p10"] == pytest.approx(_percentile_10(ours))
+            assert stats["min"] == ordered[0]
+            best = [max(values[key][i] for key in others) for i in range(len(ours))]
+            assert stats["wins"] == sum(1 for a, b in zip(ours, best) if a > b), (method, metric)
+            assert stats["below_20_db"] == sum(1 for value in ours if value < 20.0)
+            assert stats["pairs"] == 7
+    # Spot values, by hand: MeanCache's latent p10 sits 0.6 of the way from 12 to 19.5.
+    assert entries["meancache"]["latent_psnr"]["p10"] == pytest.approx(12.0 + 0.6 * 7.5)
+    assert entries["meancache"]["latent_psnr"]["wins"] == 2  # pairs 3 (41 > 36) and 6 (50 > 49)
+    table = "\n".join(distribution_table(results, "plain"))
+    assert "**MeanCache**" in table and "2 / 7" in table
+    lines = " ".join(distribution_lines(results, "plain"))
+    assert "Pairs below 20 dB at B = 10 together (7 per method): MeanCache 2; Euler (B steps) 1" in lines
 
 
 def _row(method: str, budget: int, psnr: float, speedup: float, latent: float | None = None,
@@ -339,6 +435,8 @@ def test_where_peers_win_names_the_peer_and_the_budget_from_the_numbers() -> Non
     assert "B = 20: +1.00 dB vs UniPC" in text
     results["results"] = [r for r in results["results"] if r["method"] != "unipc"]
     results["results"].append(_row("reuse", 10, 30.01, 4.0))  # a tie within 0.05 dB is not a win
+    # MeanCache's own unvalidated row is an ablation, compared in the validation section, not a peer.
+    results["results"].append({**_row("meancache_default", 10, 40.0, 4.0), "family": "ablation"})
     assert "No peer beats MeanCache's mean latent or decoded PSNR" in " ".join(where_peers_win(results, "plain"))
 
 
@@ -386,17 +484,97 @@ def test_full_evaluation_counter_counts_real_evaluations_only() -> None:
     from meancache_cli.planning import uniform_schedule
 
     pipe = tiny_flux_pipeline()
-    counter = FullEvaluationCounter(pipe.transformer)
+    counter = FullEvaluationCounter(pipe)
     block_calls = []
     pipe.transformer.single_transformer_blocks[-1].register_forward_pre_hook(lambda *_: block_calls.append(1))
     for method, expected in ((meancache_method("reuse", uniform_schedule("tiny", 12, 4)), 4),
                              (fbcache_method(4, 12, 0.3), None)):
-        counter.count, block_calls[:] = 0, []
+        before, block_calls[:] = counter.count, []
         with method.applied(pipe):
             pipe("a red circle", num_inference_steps=12, generator=torch.Generator().manual_seed(0),
                  output_type="latent", **TINY_CALL)
         if expected is not None:
-            assert counter.count == expected
+            assert counter.count - before == expected
         else:  # FirstBlockCache calls the last block at every step, but runs it only when it recomputes
-            assert len(block_calls) == 12 and 1 <= counter.count < 12
+            assert len(block_calls) == 12 and 1 <= counter.count - before < 12
+    counter.remove()
+
+
+def test_bench_profile_comes_from_the_model_config() -> None:
+    from dataclasses import replace
+
+    from meancache_cli.bench.runner import CONFIGS, BenchProfile, bench_settings, default_report_path
+    from meancache_cli.errors import MeanCacheError
+    from meancache_cli.models.registry import ModelSpec
+
+    demo, _ = bench_settings("demo", quick=True)
+    assert [c.key for c in demo.configs] == ["plain", "cfg"]
+    assert demo.prompts.evaluation.prompts[0] == "a yellow star on a purple background"
+    assert demo.methods == tuple(METHODS) and demo.transfer_resolution is None  # quick: no resolution transfer
+    assert bench_settings("demo")[0].transfer_resolution == (64, 64)
+    flux, _ = bench_settings("flux", quick=True)
+    assert flux.configs == (CONFIGS["default"],) and flux.prompts.evaluation.prompts[0].startswith("an astronaut")
+    spec = ModelSpec(name="x", pipeline_class="FluxPipeline",
+                     bench={"configs": ["plain"], "skip": ["fbcache", "magcache", "taylorseer"], "ablations": ["kmax"],
+                            "resolution_transfer": False})
+    profile = BenchProfile.of(spec)
+    assert (profile.configs, profile.skip, profile.ablations) == (("plain",), ("fbcache", "magcache", "taylorseer"),
+                                                                  ("kmax",))
+    for entry, message in (({"config": ["plain"]}, "unknown key 'config'"), ({"skip": ["euler2"]}, "'euler2'"),
+                           ({"skip": ["meancache"]}, "must run MeanCache"), ({"ablations": ["nope"]}, "'nope'")):
+        with pytest.raises(MeanCacheError, match=message):
+            BenchProfile.of(replace(spec, bench=entry))
+    assert default_report_path("docs/bench").as_posix() == "docs/benchmarks.md"
+    assert default_report_path("docs/bench-hard").as_posix() == "docs/benchmarks-hard.md"
+    assert default_report_path("/tmp/b").as_posix() == "/tmp/b/benchmarks.md"
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static-shift", "dynamic-shift"])
+def test_solvers_sample_the_sigmas_of_the_pipelines_euler_scheduler(dynamic: bool) -> None:
+    """FluxPipeline passes mu to every scheduler; a statically shifted Euler scheduler ignores it, so must the
+    solvers (DPM-Solver++ used to stop on it), and both solvers then step through Euler's sigmas, shifted alike."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from meancache_cli.bench.peers import solver_scheduler
+
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0 if dynamic else 0.8, use_dynamic_shifting=dynamic)
+    mu = 0.7
+    euler.set_timesteps(sigmas=np.linspace(1.0, 1 / 10, 10), mu=mu)
+    for kind in ("unipc", "dpmpp"):
+        solver = solver_scheduler(kind, euler.config)
+        solver.set_timesteps(10, mu=mu)
+        # Their own grid ends at 1/1000 rather than 1/10 before the shift: close, not equal.
+        assert torch.allclose(solver.sigmas.float(), euler.sigmas.float(), atol=3e-3), kind
+
+
+def test_hard_model_is_benched_like_the_demo_without_the_block_caches() -> None:
+    from meancache_cli.bench.runner import ABLATIONS, bench_settings, bench_units
+
+    demo, _ = bench_settings("demo")
+    hard, spec = bench_settings("hard")
+    assert spec.name == "hard" and [c.key for c in hard.configs] == [c.key for c in demo.configs] == ["plain", "cfg"]
+    assert hard.prompts == demo.prompts  # the shapes prompts: the captions both models know
+    assert hard.config_kwargs(hard.configs[1]) == demo.config_kwargs(demo.configs[1])
+    assert set(METHODS) - set(hard.methods) == {"fbcache", "taylorseer", "magcache"}
+    assert hard.transfer_resolution is None and demo.transfer_resolution == (64, 64)
+    assert hard.ablation_tables == ABLATIONS
+    assert bench_units(model="hard") < bench_units(model="demo")
+
+
+def test_full_evaluation_counter_counts_a_transformer_without_blocks() -> None:
+    """The hard model's transformer has no blocks to probe: the counter sits beneath MeanCache's hook there."""
+    from meancache_cli.bench.peers import FullEvaluationCounter, meancache_method
+    from meancache_cli.models.hard import load_hard_pipeline
+    from meancache_cli.planning import uniform_schedule
+
+    pipe = load_hard_pipeline()
+    counter = FullEvaluationCounter(pipe)
+    call = {"num_inference_steps": 12, "height": 32, "width": 32, "max_sequence_length": 16, "output_type": "latent"}
+    reuse = meancache_method("reuse", uniform_schedule("hard", 12, 4))
+    for method, guidance, expected in ((None, 1.0, 12), (reuse, 1.0, 4), (reuse, 4.0, 8)):
+        before = counter.count
+        with method.applied(pipe) if method is not None else contextlib.nullcontext():
+            pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0),
+                 true_cfg_scale=guidance, negative_prompt="" if guidance > 1 else None, **call)
+        assert counter.count - before == expected
     counter.remove()

@@ -28,8 +28,9 @@ def release_schedule(model: str, steps: int, budget: int) -> Schedule | None:
 
 
 def release_on_schedule(schedule: Schedule) -> Schedule:
-    """MeanCache's compute steps run with the release estimator: window t − p on K ≥ 1 edges, 1 elsewhere."""
+    """MeanCache's compute steps run with the release estimator: window t − p on K ≥ 1 edges (JVP or exponential),
+    1 elsewhere."""
     steps = schedule.compute_steps
     windows = [steps[i] - steps[i - k] if k else 1 for i, k in enumerate(schedule.orders)]
     return replace(schedule, orders=windows, lambdas=[0.0] * len(windows), kinds=["reuse"] * len(windows),
-                   estimator="release")
+                   estimator="release", validation=None)

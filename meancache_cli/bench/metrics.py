@@ -104,3 +104,35 @@ def wins_over_best(ours: Sequence[float], peers: Sequence[Sequence[float]]) -> P
     if margins.shape != best.shape or not margins.size:
         raise ValueError(f"{len(ours)} values of ours against peers with {best.size} pairs each")
     return PairWins(int(np.sum(margins > 0)), int(margins.size), float(margins.mean()), float(margins.min()))
+
+
+LOW_PSNR = 20.0  # dB: a pair below this has visibly left its reference (on the hard model: often another image)
+
+
+@dataclass(frozen=True)
+class PairDistribution:
+    """One method's per-pair PSNRs summarized: median, 10th percentile (linear interpolation between order
+    statistics), minimum, pairs won against the per-pair best peer (None without peers) and pairs below
+    `LOW_PSNR`."""
+
+    median: float
+    p10: float
+    minimum: float
+    wins: int | None
+    pairs: int
+    below: int
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {"median": self.median, "p10": self.p10, "min": self.minimum, "wins": self.wins,
+                "pairs": self.pairs, f"below_{LOW_PSNR:g}_db": self.below}
+
+
+def pair_distribution(values: Sequence[float], peers: Sequence[Sequence[float]] = ()) -> PairDistribution:
+    """The distribution of `values` (one per pair), with its wins over the best of `peers` on each pair
+    (`wins_over_best`)."""
+    array = np.asarray(values, dtype=np.float64)
+    if not array.size:
+        raise ValueError("no pair to summarize")
+    wins = wins_over_best(array, peers).wins if len(peers) else None
+    return PairDistribution(float(np.median(array)), float(np.percentile(array, 10)), float(array.min()), wins,
+                            int(array.size), int(np.sum(array < LOW_PSNR)))

@@ -8,6 +8,7 @@ the scheduler for the call, diffusers' caches through `transformer.enable_cache`
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import math
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ..files import Schedule
-from ..hooks import apply_meancache, remove_meancache
+from ..hooks import apply_evaluation_counter, apply_meancache, remove_meancache
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,15 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {
     "meancache": MethodInfo(
         "MeanCache", "ours",
-        "schedule planned by `plan_schedule`'s defaults (velocity cost, γ = 4, Kmax = 1, damping λ ∈ {½, 1} or "
-        "reuse chosen per edge) from calibration set A of the same configuration; û(t→s) from the JVP across the "
-        "fresh velocity"),
+        "the validated plan, `plan(calibration, B, pipe=…)` on calibration set A of the same configuration: every "
+        "candidate recipe (cost kind, γ, dampings λ, exponential edges) planned on the map runs, each distinct "
+        "schedule run cached on the held-out runs, the one with the best latent PSNR kept; û(t→s) per edge from "
+        "its estimate (reuse, the damped JVP across the fresh velocity, or the exponential integrator)"),
+    "meancache_default": MethodInfo(
+        "MeanCache, default recipe, not validated", "ablation",
+        "`plan(calibration, B)` without a pipeline: the default recipe (velocity cost, γ = 4, damping λ ∈ {½, 1} "
+        "or reuse chosen per edge) from the same calibration, no validation; the effect of validation is the "
+        "difference to the MeanCache row"),
     "euler": MethodInfo("Euler (B steps)", "solver", "the pipeline's own Euler scheduler with num_inference_steps = B"),
     "unipc": MethodInfo(
         "UniPC (B steps)", "solver",
@@ -70,7 +77,7 @@ METHODS: dict[str, MethodInfo] = {
 
 SOLVERS = ("euler", "unipc", "dpmpp")
 
-SCHEDULE_METHODS = ("meancache", "reuse", "planner_k0", "minmax", "release", "authors")
+SCHEDULE_METHODS = ("meancache", "meancache_default", "reuse", "planner_k0", "minmax", "release", "authors")
 
 
 @dataclass
@@ -98,7 +105,7 @@ class Method:
 
 def schedule_settings(schedule: Schedule) -> dict[str, Any]:
     return {"compute_steps": list(schedule.compute_steps), "orders": list(schedule.orders),
-            "lambdas": list(schedule.lambdas), "estimator": schedule.estimator}
+            "lambdas": list(schedule.lambdas), "kinds": list(schedule.kinds), "estimator": schedule.estimator}
 
 
 def meancache_method(key: str, schedule: Schedule, **settings: Any) -> Method:
@@ -125,20 +132,35 @@ def solver_scheduler(kind: str, config: Any) -> Any:
     """A multistep solver that samples the same flow-matching sigmas as the pipeline's Euler scheduler.
 
     FluxPipeline hands `set_timesteps` no sigmas when `use_flow_sigmas` is set, and always `mu`: with
-    `use_dynamic_shifting` the solvers then apply the same resolution-dependent shift `exp(mu)`.
+    `use_dynamic_shifting` the solvers then apply the same resolution-dependent shift `exp(mu)`; without it the
+    Euler scheduler ignores `mu` and shifts by its fixed `shift`, and so does the solver (`_static_shift`; DPM-Solver++
+    would otherwise stop on the `mu` it cannot use).
     """
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+    dynamic = bool(config.get("use_dynamic_shifting", False))
     common = {
         "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(config.get("shift", 1.0)),
-        "use_dynamic_shifting": bool(config.get("use_dynamic_shifting", False)), "time_shift_type": "exponential",
+        "use_dynamic_shifting": dynamic, "time_shift_type": "exponential",
         "solver_order": 2, "final_sigmas_type": "zero",
     }
     if kind == "unipc":
-        return UniPCMultistepScheduler.from_config(config, **common, solver_type="bh2")
-    if kind == "dpmpp":
-        return DPMSolverMultistepScheduler.from_config(config, **common, algorithm_type="dpmsolver++")
-    raise ValueError(f"unknown solver {kind!r}")
+        solver, extra = UniPCMultistepScheduler, {"solver_type": "bh2"}
+    elif kind == "dpmpp":
+        solver, extra = DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}
+    else:
+        raise ValueError(f"unknown solver {kind!r}")
+    return (solver if dynamic else _static_shift(solver)).from_config(config, **common, **extra)
+
+
+@functools.cache
+def _static_shift(solver: type) -> type:
+    """`solver` whose `set_timesteps` ignores `mu`, as a statically shifted Euler scheduler does."""
+
+    def set_timesteps(self: Any, *args: Any, mu: float | None = None, **kwargs: Any) -> None:
+        solver.set_timesteps(self, *args, **kwargs)
+
+    return type(solver.__name__, (solver,), {"set_timesteps": set_timesteps, "__doc__": solver.__doc__})
 
 
 def solver_method(kind: str, budget: int) -> Method:
@@ -258,20 +280,35 @@ class FullEvaluationCounter:
     A forward pre-hook on the first sub-module of the transformer's last block: the block-level caches
     (FirstBlockCache, MagCache, TaylorSeer-lite) still call the block module when they skip it and
     return cached tensors from their hook, so a hook on the block itself would count skipped steps;
-    its inner modules run only when the whole model really runs.
+    its inner modules run only when the whole model really runs. A transformer without blocks (the
+    embedded hard model computes its velocity in closed form) gives those caches nothing to hook: there
+    the innermost hook on the transformer counts (`hooks.apply_evaluation_counter`), beneath MeanCache's.
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
-        block = last_block(transformer)
-        self.probe = next(module for module in block.children() if any(True for _ in module.parameters()))
-        self.count = 0
-        self.handle = self.probe.register_forward_pre_hook(self._count)
+    def __init__(self, pipe: Any) -> None:
+        self.hook: Any = None
+        self.handle: Any = None
+        self.calls = 0
+        try:
+            block = last_block(pipe.transformer)
+        except ValueError:
+            self.pipe = pipe
+            self.hook = apply_evaluation_counter(pipe)
+            self.start = self.hook.evaluations
+            return
+        probe = next(module for module in block.children() if any(True for _ in module.parameters()))
+        self.handle = probe.register_forward_pre_hook(self._count)
+
+    @property
+    def count(self) -> int:
+        return self.hook.evaluations - self.start if self.hook is not None else self.calls
 
     def _count(self, module: torch.nn.Module, args: tuple) -> None:
-        self.count += 1
+        self.calls += 1
 
     def remove(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def last_block(transformer: torch.nn.Module) -> torch.nn.Module:

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from ..files import write_atomic
-from .metrics import PairWins, wins_over_best
+from .metrics import LOW_PSNR, PairWins, pair_distribution, wins_over_best
 from .peers import SOLVERS
+from .realsize_report import RESULTS_FILE as REALSIZE_FILE
 from .realsize_report import real_size_section
 
 RESULTS_FILE = "results.json"
@@ -47,6 +48,9 @@ WHY = {
                   "smoothly changing output",
     "magcache": "its skips follow the measured residual magnitudes of this model, decided per prompt",
 }
+# Whose per-pair distribution the report tabulates: MeanCache (validated and not) and the solvers it must beat.
+DISTRIBUTION_METHODS = ("meancache", "meancache_default", *SOLVERS)
+BELOW = f"below_{LOW_PSNR:g}_db"
 
 
 def grid_file(config: str, budget: int) -> str:
@@ -106,6 +110,8 @@ def pareto_png(results: dict[str, Any]) -> bytes:
             style = {"marker": markers[index % len(markers)], "label": results["methods"][key]["label"],
                      "color": "black" if ours else colours[(2 * index) % 20 + (index >= 10)],
                      "linewidth": 2.5 if ours else 1.2, "zorder": 3 if ours else 2}
+            if key == "meancache_default":
+                style.update(color="dimgray", linestyle="--")
             for column, metric in enumerate(METRICS):
                 axes[row][column].plot([r["speedup"] for r in rows], [r[metric] for r in rows], **style)
         for column, name in enumerate(METRICS.values()):
@@ -122,7 +128,8 @@ def pareto_png(results: dict[str, Any]) -> bytes:
 
 
 def grid_png(results: dict[str, Any], config: str, grid: dict[str, list[Any]]) -> bytes:
-    """Rows: evaluation prompts (first seed); columns: the uncached reference, then every method."""
+    """Rows: evaluation prompts (first seed); columns: the uncached reference, then every method, each image with
+    its decoded PSNR against the reference below it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,8 +137,10 @@ def grid_png(results: dict[str, Any], config: str, grid: dict[str, list[Any]]) -
 
     columns = ["reference", *[key for key in results["methods"] if key in grid]]
     prompts = results["prompts"]["evaluation"]["prompts"]
+    seeds = len(results["prompts"]["evaluation"]["seeds"])
+    scores = {r["method"]: r.get("psnr_runs", []) for r in budget_rows(results, config, results["ablation_budget"])}
     rows = len(grid["reference"])
-    figure, axes = plt.subplots(rows, len(columns), figsize=(1.25 * len(columns), 1.35 * rows + 0.6),
+    figure, axes = plt.subplots(rows, len(columns), figsize=(1.25 * len(columns), 1.45 * rows + 0.6),
                                 squeeze=False)
     for column, key in enumerate(columns):
         title = "uncached" if key == "reference" else results["methods"][key]["label"]
@@ -144,6 +153,9 @@ def grid_png(results: dict[str, Any], config: str, grid: dict[str, list[Any]]) -
                 axis.set_title("\n".join(textwrap.wrap(title, 16)), fontsize=6)
             if column == 0:
                 axis.set_ylabel(prompts[row].replace(" on ", "\non "), fontsize=5)
+            pair = row * seeds  # the evaluation pairs run prompt by prompt, every seed of a prompt in turn
+            if len(scores.get(key, [])) > pair:
+                axis.set_xlabel(f"{scores[key][pair]:.1f} dB", fontsize=5, labelpad=1)
     label = next(c["label"] for c in results["configs"] if c["key"] == config)
     figure.suptitle(f"{label}: B = {results['ablation_budget']} of N = {results['steps']}, seed "
                     f"{results['prompts']['evaluation']['seeds'][0]}", fontsize=8)
@@ -243,14 +255,104 @@ def wins_line(results: dict[str, Any], config: str, budget: int) -> str:
             f"steps on that pair) {parts[0]}, and {parts[1]}.")
 
 
+def distributions(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per configuration, budget and method of `DISTRIBUTION_METHODS`, for latent and decoded PSNR: the per-pair
+    distribution (`metrics.pair_distribution`). Wins count against the per-pair best solver: MeanCache's rows
+    against Euler, UniPC and DPM-Solver++; each solver's against the other two."""
+    entries = []
+    for config in results["configs"]:
+        key = config["key"]
+        for budget in sorted({r["budget"] for r in config_rows(results, key)}):
+            rows = {r["method"]: r for r in budget_rows(results, key, budget)}
+            for method in (m for m in DISTRIBUTION_METHODS if m in rows):
+                peers = [peer for peer in SOLVERS if peer in rows and peer != method]
+                entry = {"config": key, "budget": budget, "method": method, "label": rows[method]["label"],
+                         "stress": rows[method]["stress"], "wins_against": peers}
+                for metric in METRICS:
+                    entry[metric] = pair_distribution(rows[method][f"{metric}_runs"],
+                                                      [rows[peer][f"{metric}_runs"] for peer in peers]).as_dict()
+                entries.append(entry)
+    return entries
+
+
+def _distributions_of(results: dict[str, Any], config: str) -> list[dict[str, Any]]:
+    entries = results.get("distributions") or distributions(results)
+    return [entry for entry in entries if entry["config"] == config]
+
+
+def distribution_table(results: dict[str, Any], config: str) -> list[str]:
+    """One row per budget and method: median, 10th percentile, minimum, pairs won and pairs below 20 dB, latent
+    then decoded; the best of each statistic among the rows of a budget in bold (fewest pairs below 20 dB)."""
+    entries = _distributions_of(results, config)
+    body = []
+    for budget in sorted({e["budget"] for e in entries}, key=lambda b: (b == results.get("stress_budget"), b)):
+        group = [e for e in entries if e["budget"] == budget]
+        cells: dict[int, list[str]] = {id(e): [] for e in group}
+        for metric in METRICS:
+            for stat, better in (("median", max), ("p10", max), ("min", max), ("wins", None), (BELOW, min)):
+                values = [e[metric][stat] for e in group]
+                best = better(values) if better else None
+                for e in group:
+                    value = e[metric][stat]
+                    text = f"{value:.2f}" if isinstance(value, float) else (
+                        f"{value} / {e[metric]['pairs']}" if value is not None else "—")
+                    cells[id(e)].append(f"**{text}**" if better and value == best and len(group) > 1 else text)
+        for e in group:
+            label = f"**{e['label']}**" if e["method"] == "meancache" else e["label"]
+            body.append([str(budget), label, *cells[id(e)]])
+    header = ["B", "method"] + [f"{name}: {stat}" for name in ("latent", "decoded")
+                                for stat in ("median", "p10", "min", "won", f"< {LOW_PSNR:g} dB")]
+    return _table(header, body)
+
+
+def _leads(entries: list[dict[str, Any]], metric: str, stat: str) -> list[int]:
+    """Budgets (stress budget excluded) at which MeanCache's `stat` beats every solver's by more than `PSNR_TIE`."""
+    budgets = []
+    for budget in sorted({e["budget"] for e in entries if not e["stress"]}):
+        group = {e["method"]: e for e in entries if e["budget"] == budget}
+        solvers = [group[key][metric][stat] for key in SOLVERS if key in group]
+        if "meancache" in group and solvers and group["meancache"][metric][stat] > max(solvers) + PSNR_TIE:
+            budgets.append(budget)
+    return budgets
+
+
+def distribution_lines(results: dict[str, Any], config: str) -> list[str]:
+    """What the per-pair distributions say, from the numbers: where MeanCache's median, 10th percentile and
+    minimum lie above every solver's, and how many pairs each method leaves below 20 dB."""
+    entries = _distributions_of(results, config)
+    if not any(e["method"] == "meancache" for e in entries):
+        return []
+    budgets = sorted({e["budget"] for e in entries if not e["stress"]})
+    lines = []
+    for metric, name in METRICS.items():
+        parts = []
+        for stat, what in (("median", "median"), ("p10", "10th percentile"), ("min", "minimum")):
+            ahead = _leads(entries, metric, stat)
+            parts.append(f"in its {what} at {_budgets(ahead) if ahead else 'no budget'}")
+        below: dict[str, int] = {}
+        for e in entries:
+            if not e["stress"]:
+                below[e["label"]] = below.get(e["label"], 0) + e[metric][BELOW]
+        pairs = sum(e[metric]["pairs"] for e in entries if e["method"] == "meancache" and not e["stress"])
+        lines.append(f"- By {name}, MeanCache lies above every solver (by more than {PSNR_TIE} dB) {parts[0]}, "
+                     f"{parts[1]}, {parts[2]}. Pairs below {LOW_PSNR:g} dB at {_budgets(budgets)} together ({pairs} "
+                     "per method): " + "; ".join(f"{label} {count}" for label, count in below.items()) + ".")
+    return lines
+
+
 def peers_above(results: dict[str, Any], config: str, budget: int, metric: str
                 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(peer row, MeanCache row) for each peer whose mean `metric` beats MeanCache's by more than `PSNR_TIE`."""
+    """(peer row, MeanCache row) for each peer whose mean `metric` beats MeanCache's by more than `PSNR_TIE` (the
+    ablation rows are MeanCache's own variants, not peers: the validation section compares them)."""
     rows = budget_rows(results, config, budget)
     ours = next((r for r in rows if r["method"] == "meancache"), None)
     if ours is None:
         return []
-    return [(r, ours) for r in rows if r["method"] != "meancache" and r[metric] - ours[metric] > PSNR_TIE]
+    return [(r, ours) for r in _peer_rows(rows) if r[metric] - ours[metric] > PSNR_TIE]
+
+
+def _peer_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["method"] != "meancache" and r.get("family") != "ablation"]
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
@@ -272,6 +374,11 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             text += (" Against the best solver per pair, it wins by latent / decoded PSNR on "
                      + ", ".join(f"{w['latent_psnr'].wins} / {w['psnr'].wins} of {w['psnr'].pairs} pairs at B = {b}"
                                  for b, w in wins.items()) + ".")
+        spread = _distributions_of(results, key)
+        if any(e["method"] == "meancache" for e in spread):
+            tails = [_leads(spread, metric, "p10") for metric in METRICS]
+            text += (" Its 10th-percentile latent / decoded PSNR lies above every solver's at "
+                     + " / ".join(_budgets(b) if b else "no budget" for b in tails) + ".")
         losses = []
         for b in budgets:
             beaten: dict[str, list[str]] = defaultdict(list)
@@ -323,7 +430,7 @@ def where_peers_win(results: dict[str, Any], config: str) -> list[str]:
     for budget in sorted({r["budget"] for r in config_rows(results, config)}):
         rows = budget_rows(results, config, budget)
         ours = next((r for r in rows if r["method"] == "meancache"), None)
-        peers = [r for r in rows if r["method"] != "meancache"]
+        peers = _peer_rows(rows)
         if ours and peers:
             best = max(peers, key=lambda r: r["latent_psnr"])
             margins.append(f"B = {budget}: {ours['latent_psnr'] - best['latent_psnr']:+.2f} dB vs {best['label']}")
@@ -345,10 +452,16 @@ def schedule_diagnostics(results: dict[str, Any], config: str) -> list[str]:
     used = []
     for b in budgets:
         settings = rows[b]["meancache"]["settings"]
-        dampings = [d for k, d in zip(settings["orders"], settings["lambdas"]) if k]
-        counts = ", ".join(f"λ = {d:g} on {dampings.count(d)}" for d in sorted(set(dampings)))
-        used.append(f"B = {b}: {len(dampings)} of {b} edges" + (f" ({counts})" if counts else ""))
-    lines = [f"Edges where the planner chose the JVP estimate (K = 1) rather than reuse: {'; '.join(used)}."]
+        kinds = settings.get("kinds") or ["jvp" if k and d else "reuse"
+                                          for k, d in zip(settings["orders"], settings["lambdas"])]
+        dampings = [d for kind, d in zip(kinds, settings["lambdas"]) if kind == "jvp"]
+        counts = [f"the JVP with λ = {d:g} on {dampings.count(d)}" for d in sorted(set(dampings))]
+        if "exp" in kinds:
+            counts.append(f"the exponential integrator on {kinds.count('exp')}")
+        recipe = f"recipe {settings['recipe']}: " if settings.get("recipe") else ""
+        used.append(f"B = {b} ({recipe}{b - kinds.count('reuse')} of {b} edges" + (
+            f": {', '.join(counts)})" if counts else ")"))
+    lines = [f"Edges of the kept plan that extrapolate rather than reuse: {'; '.join(used)}."]
     uniform_better = [b for b in budgets if {"reuse", "planner_k0"} <= set(rows[b])
                       and rows[b]["reuse"]["latent_psnr"] > rows[b]["planner_k0"]["latent_psnr"] + PSNR_TIE]
     if uniform_better:
@@ -381,6 +494,57 @@ def above_curve(results: dict[str, Any], config: str, metric: str) -> list[str]:
     return [prefix + f"these peers lie more than {CURVE_TIE} dB above MeanCache: " + "; ".join(parts) + "."]
 
 
+def validation_table(results: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Per budget: every candidate recipe's held-out score (the kept one in bold), the runs and cost share of the
+    validation, and the kept plan against the default recipe's on the evaluation pairs (means)."""
+    records = config.get("validation") or {}
+    if not records:
+        return []
+    names = [c["recipe"] for c in next(iter(records.values()))["candidates"]]
+    body = []
+    for budget, record in sorted(records.items(), key=lambda item: int(item[0])):
+        rows = {r["method"]: r for r in budget_rows(results, config["key"], int(budget))}
+        scores = {c["recipe"]: c for c in record["candidates"]}
+        cells = []
+        for name in names:
+            entry = scores.get(name)
+            text = "—" if entry is None else f"{entry['score']:.2f}" + (
+                f" (= {entry['same_plan_as']})" if entry.get("same_plan_as") else "")
+            cells.append(f"**{text}**" if name == record["chosen"] else text)
+        compared = ["—", "—"]
+        if {"meancache", "meancache_default"} <= set(rows):
+            compared = [f"{rows['meancache'][m]:.2f} / {rows['meancache_default'][m]:.2f}" for m in METRICS]
+        body.append([budget, *cells, str(record["runs"]), f"{100 * record['cost_share']:.1f} %", *compared])
+    return _table(["B", *names, "held-out runs", "cost share", "evaluation latent: kept / default",
+                   "evaluation decoded: kept / default"], body)
+
+
+def validation_lines(results: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Which recipe validation kept where, and what that changed on the evaluation pairs, from the numbers."""
+    records = config.get("validation") or {}
+    if not records:
+        return []
+    default = next((r["settings"].get("recipe") for r in config_rows(results, config["key"])
+                    if r["method"] == "meancache_default"), None)
+    kept_default = [int(b) for b, r in records.items() if r["chosen"] == default]
+    other = {int(b): r["chosen"] for b, r in records.items() if r["chosen"] != default}
+    text = (f"Validation kept the default recipe at {_budgets(sorted(kept_default))}" if kept_default
+            else "Validation kept the default recipe at no budget")
+    if other:
+        text += "; another at " + ", ".join(f"B = {b} ({name})" for b, name in sorted(other.items()))
+    text += "."
+    changes = []
+    for budget in sorted(other):
+        rows = {r["method"]: r for r in budget_rows(results, config["key"], budget)}
+        if {"meancache", "meancache_default"} <= set(rows):
+            deltas = [rows["meancache"][m] - rows["meancache_default"][m] for m in METRICS]
+            changes.append(f"B = {budget}: {deltas[0]:+.2f} / {deltas[1]:+.2f} dB")
+    if changes:
+        text += (" Where it chose another recipe, the evaluation pairs' mean latent / decoded PSNR changed against the "
+                 "default recipe's plan by " + ", ".join(changes) + ".")
+    return [text]
+
+
 def config_section(results: dict[str, Any], config: dict[str, Any], out_dir: Path, report_path: Path) -> list[str]:
     """Tables, wins, where a peer wins and the schedule diagnostics of one configuration."""
     key, steps = config["key"], results["steps"]
@@ -391,8 +555,10 @@ def config_section(results: dict[str, Any], config: dict[str, Any], out_dir: Pat
              f"Pipeline call: `{arguments}`; {config['branches']} model "
              f"evaluation{'s' if config['branches'] > 1 else ''} per sampler step uncached (NFE below counts "
              "evaluations per guidance branch). Calibrated on set A in this configuration: "
-             f"{calibration['trajectories']} trajectories from {len(calibration['prompts'])} prompts × "
-             f"{len(calibration['seeds'])} seeds. Uncached: {reference['seconds_median']:.3f} s per image.", ""]
+             f"{len(calibration['prompts'])} prompts × {len(calibration['seeds'])} seeds, of which "
+             f"{_plural(len(calibration.get('held_out', [])), 'run')} held out for validating the plan and "
+             f"{calibration['trajectories']} trajectories from the others in the error maps. Uncached: "
+             f"{reference['seconds_median']:.3f} s per image.", ""]
     if reference.get("accuracy") is not None:
         lines += [f"The uncached {steps}-step reference's own accuracy (latent PSNR against Euler with "
                   f"{results['fine_steps']} steps): mean {reference['accuracy']:.2f} dB, worst pair "
@@ -404,6 +570,29 @@ def config_section(results: dict[str, Any], config: dict[str, Any], out_dir: Pat
         line = wins_line(results, key, budget)
         if line:
             lines += [line, ""]
+    table = distribution_table(results, key)
+    if len(table) > 2:
+        pairs = len(next(r for r in config_rows(results, key))["latent_psnr_runs"])
+        lines += [f"### {config['label']}: per-pair distributions", "",
+                  f"Over the {pairs} evaluation pairs: median, 10th percentile (linear interpolation between order "
+                  f"statistics), minimum; won: pairs on which the method is strictly above the best solver on that "
+                  "pair (MeanCache's rows: the best of Euler, UniPC and DPM-Solver++; each solver's: the best of the "
+                  f"other two); < {LOW_PSNR:g} dB: pairs below {LOW_PSNR:g} dB. In bold, the best of each column "
+                  "within a budget.", ""]
+        lines += table + [""] + distribution_lines(results, key) + [""]
+    validation = validation_table(results, config)
+    if validation:
+        margin = next(iter(config["validation"].values())).get("margin")
+        keep = (f" (the default recipe, the first column, stays unless another scores more than {margin:g} dB higher)"
+                if margin else "")
+        lines += [f"### {config['label']}: validation of MeanCache's plan", "",
+                  "At each budget `plan(calibration, B, pipe=…)` planned every candidate recipe from set A's map runs, "
+                  "ran each distinct schedule cached on set A's held-out runs and kept the one with the best mean "
+                  f"latent PSNR against their uncached outputs{keep}. Columns: that score per candidate in dB, the "
+                  "kept one in bold; “= X”: the same schedule as candidate X; cost share: the validation's "
+                  "evaluations over the calibration's. The last columns compare the kept plan with the default "
+                  "recipe's on the evaluation pairs.", ""]
+        lines += validation + [""] + validation_lines(results, config) + [""]
     lines += [f"### {config['label']}: where a peer wins", ""] + where_peers_win(results, key) + [""]
     diagnostics = schedule_diagnostics(results, key)
     if diagnostics:
@@ -421,6 +610,22 @@ def config_section(results: dict[str, Any], config: dict[str, Any], out_dir: Pat
                   f"![image grid, {config['label']}]"
                   f"({_link(out_dir, grid_file(key, results['ablation_budget']), report_path)})", ""]
     return lines
+
+
+def left_out_lines(results: dict[str, Any]) -> list[str]:
+    """What this model's bench profile leaves out, and why (its config's `bench: note`)."""
+    left = results.get("left_out") or {}
+    parts = []
+    if left.get("methods"):
+        parts.append("the peers " + ", ".join(left["methods"]))
+    if left.get("ablations"):
+        parts.append("the ablations " + ", ".join(left["ablations"]))
+    if left.get("resolution_transfer"):
+        parts.append("the resolution-transfer ablation")
+    if not parts:
+        return []
+    note = f" {left['note'].strip()}" if left.get("note") else ""
+    return [f"Left out for this model: {'; '.join(parts)}.{note}", ""]
 
 
 def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
@@ -445,6 +650,7 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
         f"Whole run: {results['total_seconds'] / 60:.1f} min"
         f"{' (quick mode: fewer prompts, one budget, one timing run, reduced ablations)' if results['quick'] else ''}.",
         "",
+        *left_out_lines(results),
         "## Summary",
         "",
         f"Means over {n_eval} evaluation images; “a peer still has a higher mean” counts a difference of more than "
@@ -460,10 +666,19 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
         f"the pipeline decodes as usual) against the uncached {steps}-step latents; the peak is the reference "
         "latent's dynamic range (max − min), per image. No decoder blurs the difference.",
         f"- **Accuracy**: the same latent PSNR against a fine reference, Euler with {results['fine_steps']} steps "
-        f"(8 × N) on the same prompt, seed and configuration, for every method and for the uncached {steps}-step "
-        "reference itself: the N-step reference has its own error, and the accuracy column shows it.",
+        f"({results['fine_steps'] // steps} × N) on the same prompt, seed and configuration, for every method and "
+        f"for the uncached {steps}-step reference itself: the N-step reference has its own error, and the accuracy "
+        "column shows it.",
         "- **Wins**: per evaluation pair, MeanCache against the best of Euler, UniPC and DPM-Solver++ with B steps on "
         "that pair (a strictly higher PSNR wins); the margin is MeanCache's PSNR minus that per-pair best.",
+        f"- **Distributions**: per budget, the median, 10th percentile and minimum over the pairs, pairs won and pairs "
+        f"below {LOW_PSNR:g} dB, for MeanCache and each solver: a method that wins big on most pairs and lands far "
+        "off on a few is worse for users than its mean says.",
+        "- **Validated plan**: MeanCache's schedule at each budget is `planning.plan(calibration, B, pipe=…)` on "
+        "calibration set A: its first runs are held out of the error maps (as `meancache calibrate` holds them "
+        "out), every candidate recipe is planned, each distinct schedule runs cached on the held-out runs, the best "
+        "is kept. The row “MeanCache, default recipe, not validated” is the default recipe's plan from the same "
+        "maps: the difference is what validation buys.",
         "- **NFE**: full model evaluations per image and guidance branch, counted for every method the same way: a "
         "forward pre-hook on the first sub-module of the transformer's last block, which runs only when the whole "
         "model runs (block-level caches call the block itself even when they skip it).",
@@ -480,10 +695,12 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
         "Calibration and evaluation prompts and seeds are disjoint; each configuration calibrates on its own runs:",
         "",
     ]
-    for role, name in (("calibration_a", "Calibration set A (MeanCache, planner K = 0, min-max, MagCache ratios, "
-                                         "threshold searches)"),
+    for role, name in (("calibration_a", "Calibration set A (MeanCache's maps and held-out validation runs, planner "
+                                         "K = 0, min-max, MagCache ratios, threshold searches)"),
                        ("calibration_b", "Calibration set B (schedule-transfer ablation only)"),
                        ("evaluation", "Evaluation set")):
+        if role not in prompts:
+            continue
         entry = prompts[role]
         lines.append(f"- {name}: seeds {entry['seeds']}; prompts: " + "; ".join(f"“{p}”" for p in entry["prompts"]))
     lines += ["", "### Methods", ""]
@@ -493,7 +710,9 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
     for config in results["configs"]:
         lines += config_section(results, config, out_dir, report_path)
     lines += ablation_sections(results)
-    lines += real_size_section(out_dir)
+    if results["model"] == "demo" or (out_dir / REALSIZE_FILE).exists():
+        # `bench --real-size` writes beside the demo's report: another model's report shows it only when it has one.
+        lines += real_size_section(out_dir)
     lines += ["## Figures", "",
               f"![PSNR against speed-up, one line per method]({_link(out_dir, PARETO_FILE, report_path)})", "",
               f"Raw numbers, per image and per timed run, and every method's settings: "
@@ -504,14 +723,16 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
 def _variant_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     body = []
     for r in rows:
-        edges = [f"{t}" + (f"ᴶ{d:g}" if k else "") for t, k, d in
-                 zip(r.get("compute_steps", []), r.get("orders", []), r.get("lambdas", []))]
+        kinds = r.get("kinds") or ["jvp" if k and d else "reuse" for k, d in zip(r.get("orders", []),
+                                                                                   r.get("lambdas", []))]
+        edges = [f"{t}" + (f"ᴶ{d:g}" if kind == "jvp" else "ᴱ" if kind == "exp" else "") for t, kind, d in
+                 zip(r.get("compute_steps", []), kinds, r.get("lambdas", []))]
         body.append([r["variant"], " ".join(edges) or "—", _nfe(r["nfe"]), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
                      f"{r['latent_psnr']:.2f}", _db(r.get("accuracy"))])
     return body
 
 
-VARIANT_HEADER = ["variant", "compute steps (ᴶλ: JVP edge, damping λ)", "NFE", "PSNR (dB)", "SSIM",
+VARIANT_HEADER = ["variant", "compute steps (ᴶλ: JVP edge, damping λ; ᴱ: exponential edge)", "NFE", "PSNR (dB)", "SSIM",
                   "latent PSNR (dB)", "accuracy (dB)"]
 
 
@@ -535,7 +756,8 @@ def ablation_sections(results: dict[str, Any]) -> list[str]:
             continue
         lines += [f"## Ablations: {config['label']} (MeanCache, B = {ablations['budget']}, evaluation set)", "",
                   "Default: `plan_schedule`'s defaults (velocity cost, γ = 4, Kmax = 1, λ ∈ {0.5, 1}), planned from "
-                  "calibration set A of this configuration.", ""]
+                  "calibration set A of this configuration, not validated (each row changes one setting of the "
+                  "default recipe).", ""]
         for key, title, note in sections:
             if ablations.get(key):
                 lines += [f"### {title}", "", note, ""] + _table(VARIANT_HEADER, _variant_rows(ablations[key])) + [""]

@@ -1,11 +1,13 @@
 """`run_bench`: MeanCache against every peer, on one model, prompts and seeds, in one process.
 
-The bench runs one or more sampling configurations (the demo: plain and true CFG), each with its own
-calibration, references and tables. Per configuration: uncached N-step and fine (8×N-step Euler)
-references on the evaluation set, calibration (set A, set B, MagCache's ratios), then per budget: plan or
-search every method, generate the evaluation set, time them round-robin against the uncached pipeline;
-then the ablations at B = 10. Every pipeline call advances the progress callback once, so
-`bench_units` is the exact total of a progress bar; each stage is announced through `stage`.
+The bench runs one or more sampling configurations (the embedded models: plain and true CFG, from the `bench:`
+entry of the model's config), each with its own calibration, references and tables. Per configuration: uncached
+N-step and fine (8×N-step Euler, 2×N quick) references on the evaluation set, calibration (set A, whose first
+runs are held out for validation, set B, MagCache's ratios), then per budget: MeanCache's validated plan
+(`planning.plan` with the pipeline), plan or search every other method, generate the evaluation set, time them
+round-robin against the uncached pipeline; then the ablations at B = 10. Every pipeline call advances the
+progress callback once (a validation's unused share of its bound is advanced after it), so `bench_units` is the
+exact total of a progress bar; each stage is announced through `stage`.
 """
 
 from __future__ import annotations
@@ -19,24 +21,26 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..calibration import MapSettings, reference_run_kwargs, run_calibration
+from .. import defaults
+from ..calibration import MapSettings, holdout_count, reference_run_kwargs, run_calibration
 from ..core.stability import StabilityMaps, edge_costs
 from ..files import Calibration, Schedule
 from ..hooks import apply_recorder, remove_recorder
 from ..models.registry import ModelSpec, load_pipeline, resolve_model
-from ..planning import plan_schedule, uniform_schedule
+from ..planning import plan, plan_schedule, uniform_schedule
 from .authors import release_on_schedule, release_schedule
 from .metrics import compare, latent_psnr
 from .minmax import minmax_path
 from .peers import (
     METHODS,
+    SCHEDULE_METHODS,
     FullEvaluationCounter,
     Method,
     authors_method,
@@ -57,6 +61,7 @@ QUICK_BUDGETS = (10,)
 STRESS_BUDGET = 5
 ABLATION_BUDGET = 10
 FINE_FACTOR = 8
+QUICK_FINE_FACTOR = 2  # a smoke run: the fine reference only has to exist and differ from the N-step one
 METHOD_ORDER = tuple(METHODS)
 FBC_RANGE = (1e-3, 16.0)
 TIMING_SPREAD = 1.5
@@ -80,10 +85,52 @@ CONFIGS: dict[str, BenchConfig] = {
     "cfg": BenchConfig("cfg", "true CFG 4, empty negative prompt", {"true_cfg_scale": 4.0, "negative_prompt": ""}),
     "default": BenchConfig("default", "the model's default call arguments"),
 }
-# The demo model was trained with prompt dropout, so it runs both with and without true CFG; another
-# model runs its own defaults (real models: with guidance) unless `configs` names others.
-DEMO_CONFIGS = ("plain", "cfg")
 MODEL_CONFIGS = ("default",)
+ABLATIONS = ("kmax", "gamma", "cost", "lambdas", "estimator", "transfer_prompts")
+
+
+@dataclass(frozen=True)
+class BenchProfile:
+    """How the bench runs one model, from the `bench:` entry of its config YAML.
+
+    `configs`: the sampling configurations (the embedded models were trained with prompt dropout and run both
+    plain and under true CFG; a real model runs its own defaults, with guidance). `prompt_set`: `shapes` for
+    the embedded models' trained vocabulary, `generic` otherwise. `skip`: peers the model cannot run (a
+    transformer without blocks gives diffusers' block caches nothing to hook). `resolution_transfer`: whether
+    the model runs at twice its size. `ablations`: the ablation tables at B = 10 (calibration set B is run only
+    for `transfer_prompts`). `note`: why anything is left out, for the report.
+    """
+
+    configs: tuple[str, ...] = MODEL_CONFIGS
+    prompt_set: str = "generic"
+    skip: tuple[str, ...] = ()
+    resolution_transfer: bool = True
+    ablations: tuple[str, ...] = ABLATIONS
+    note: str = ""
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> BenchProfile:
+        """The profile in `spec.bench`; an unknown key or value is a one-line error naming the config."""
+        from ..errors import MeanCacheError
+
+        entry = dict(spec.bench or {})
+        where = f"the bench entry of model {spec.family or spec.name}'s config"
+        unknown = sorted(set(entry) - {f.name for f in fields(cls)})
+        if unknown:
+            names = ", ".join(f.name for f in fields(cls))
+            raise MeanCacheError(f"{where} has unknown key {unknown[0]!r}: use {names}")
+        for name in ("configs", "skip", "ablations"):
+            if name in entry:
+                entry[name] = tuple(entry[name])
+        profile = cls(**entry)
+        choices = {"configs": CONFIGS, "skip": METHODS, "ablations": ABLATIONS}
+        for name, allowed in choices.items():
+            bad = [value for value in getattr(profile, name) if value not in allowed]
+            if bad:
+                raise MeanCacheError(f"{where}: {name} holds {bad[0]!r}: use some of {', '.join(allowed)}")
+        if "meancache" in profile.skip or not profile.configs:
+            raise MeanCacheError(f"{where}: it must run MeanCache in at least one configuration")
+        return profile
 
 
 @dataclass
@@ -111,6 +158,26 @@ class BenchSettings:
     resolution_pairs: list[tuple[str, int]] = field(default_factory=list)
     resolution_calibration: PromptSet | None = None
     methods: tuple[str, ...] = METHOD_ORDER
+    ablation_tables: tuple[str, ...] = ABLATIONS
+    candidates: tuple[defaults.Recipe, ...] = defaults.CANDIDATES
+    profile: BenchProfile = field(default_factory=BenchProfile)
+
+    @property
+    def holdout(self) -> int:
+        """Runs of calibration set A held out of its maps (as `meancache calibrate` holds them out), which the
+        validated plan is scored on."""
+        return holdout_count(None, len(self.prompts.calibration_a.pairs()), len(self.prompts.calibration_a.prompts))
+
+    @property
+    def validation_calls(self) -> int:
+        """Pipeline calls one validated plan may make: each distinct candidate schedule on at most every held-out
+        run. How many schedules are distinct is known only after planning: the bench advances the rest."""
+        return len(self.candidates) * self.holdout
+
+    @property
+    def calibrates_b(self) -> bool:
+        """Calibration set B serves only the schedule-transfer ablation."""
+        return "transfer_prompts" in self.ablation_tables
 
     @property
     def all_budgets(self) -> tuple[int, ...]:
@@ -126,8 +193,16 @@ class BenchSettings:
                      if key != "release" or release_schedule(self.model, self.steps, budget) is not None)
 
     def ablation_variants(self) -> int:
-        return (len(self.kmax_values) + len(self.gamma_values) + len(self.cost_values) + len(self.lambda_sets)
-                + 1 + len(self.uniform_jvp_lambdas) + 3)
+        counts = {"kmax": len(self.kmax_values), "gamma": len(self.gamma_values), "cost": len(self.cost_values),
+                  "lambdas": len(self.lambda_sets), "estimator": 1 + len(self.uniform_jvp_lambdas),
+                  "transfer_prompts": 3}
+        return sum(counts[table] for table in self.ablation_tables)
+
+    def search_calls(self, budget: int) -> int:
+        """Calls spent choosing the dynamic caches' settings at `budget` (threshold bisections, TaylorSeer's order)."""
+        methods = self.methods_at(budget)
+        return (sum(self.search_iterations for key in ("fbcache", "magcache") if key in methods)
+                + 2 * ("taylorseer" in methods))
 
     def resolution_variants(self) -> int:
         return 3 if self.transfer_resolution else 0
@@ -136,11 +211,14 @@ class BenchSettings:
         """Pipeline calls of one configuration."""
         evaluation = len(self.prompts.evaluation.pairs())
         calibration_a = len(self.prompts.calibration_a.pairs())
-        units = (2 * evaluation + 1 + calibration_a + len(self.prompts.calibration_b.pairs())
-                 + min(calibration_a, MAG_CALIBRATION_PAIRS))
+        units = 2 * evaluation + calibration_a
+        units += len(self.prompts.calibration_b.pairs()) if self.calibrates_b else 0
+        units += 1 if "taylorseer" in self.methods else 0  # the reference TaylorSeer's order is scored against
+        units += min(calibration_a, MAG_CALIBRATION_PAIRS) if "magcache" in self.methods else 0
         for budget in self.all_budgets:
             methods = len(self.methods_at(budget))
-            units += 2 * self.search_iterations + 2 + methods * evaluation + self.repeats * (1 + methods)
+            units += (self.validation_calls + self.search_calls(budget) + methods * evaluation
+                      + self.repeats * (1 + methods))
         units += self.ablation_variants() * evaluation
         if self.transfer_resolution and config == self.configs[0]:
             units += (len(self.resolution_calibration.pairs()) + len(self.resolution_pairs)
@@ -175,11 +253,12 @@ def bench_settings(
             raise UsageError(f"budget {budget} is out of range: use budgets between 1 and --steps {steps}")
     if repeats is not None and repeats < 1:
         raise UsageError(f"repeats {repeats} is invalid: use 1 or more")
-    configs = tuple(configs) if configs else (DEMO_CONFIGS if spec.name == "demo" else MODEL_CONFIGS)
+    profile = BenchProfile.of(spec)
+    configs = tuple(configs) if configs else profile.configs
     unknown = [key for key in configs if key not in CONFIGS]
     if unknown or len(set(configs)) != len(configs):
         raise UsageError(f"configurations {', '.join(configs)} are invalid: use distinct ones of {', '.join(CONFIGS)}")
-    prompt_set = prompt_set or ("shapes" if spec.name == "demo" else "generic")
+    prompt_set = prompt_set or profile.prompt_set
     prompts = bench_prompts(prompt_set, quick, spec.calibration_prompts or None)
     prompts.check_disjoint()
     kwargs = reference_run_kwargs(spec, steps, height, width, None, dict(call_kwargs or {}))
@@ -187,12 +266,15 @@ def bench_settings(
         model=spec.name, steps=steps, budgets=budgets, quick=quick, repeats=repeats or FULL_REPEATS,
         prompts=prompts, call_kwargs=kwargs, search_iterations=6 if quick else 8,
         stress_budget=None if quick else STRESS_BUDGET, ablation_budget=ABLATION_BUDGET,
-        configs=tuple(CONFIGS[key] for key in configs), fine_steps=FINE_FACTOR * steps,
+        configs=tuple(CONFIGS[key] for key in configs),
+        fine_steps=(QUICK_FINE_FACTOR if quick else FINE_FACTOR) * steps,
+        methods=tuple(key for key in METHOD_ORDER if key not in profile.skip), ablation_tables=profile.ablations,
+        profile=profile,
     )
     if quick:
         settings.kmax_values, settings.gamma_values = (0, 1), (0.5, 4.0)
         settings.uniform_jvp_lambdas = (1.0,)
-    elif kwargs.get("height") and kwargs.get("width"):
+    elif profile.resolution_transfer and kwargs.get("height") and kwargs.get("width"):
         evaluation = prompts.evaluation
         settings.transfer_resolution = (2 * kwargs["height"], 2 * kwargs["width"])
         settings.resolution_pairs = PromptSet(evaluation.prompts[:2], evaluation.seeds).pairs()
@@ -250,11 +332,11 @@ class Bench:
         self.pipe = pipe
         self.advance = advance
         self.stage = stage
-        self.counter = FullEvaluationCounter(pipe.transformer)
+        self.counter = FullEvaluationCounter(pipe)
         self.branches = 1
         self.results: list[dict[str, Any]] = []
         self.grid: dict[str, dict[str, list[Any]]] = {}
-        self.variant_cache: dict[tuple, dict[str, Any]] = {}
+        self.variant_cache: dict[tuple, tuple[dict[str, Any], list[Any]]] = {}
         self.calibrations: dict[str, Calibration] = {}
 
     # -- pipeline calls -------------------------------------------------------------------------------
@@ -324,7 +406,7 @@ class Bench:
 
     def references(self, pairs: list[tuple[str, int]], kwargs: dict[str, Any], fine: bool = True,
                    record: bool = False) -> tuple[References, Calibration | None]:
-        """Uncached N-step outputs and fine 8×N-step latents; with `record`, also the stability maps of the
+        """Uncached N-step outputs and fine (`fine_steps`) latents; with `record`, also the stability maps of the
         N-step runs (the oracle calibration)."""
         recorder = apply_recorder(self.pipe) if record else None
         maps: StabilityMaps | None = None
@@ -365,8 +447,27 @@ class Bench:
 
     # -- methods ---------------------------------------------------------------------------------------
 
-    def schedules(self, budget: int, calibration: Calibration) -> dict[str, Schedule]:
-        """The schedule-based methods' plans at `budget` from one calibration."""
+    def validated_plan(self, calibration: Calibration, budget: int) -> Schedule:
+        """MeanCache's schedule at `budget`: `planning.plan` with this pipeline, which plans every candidate recipe
+        and keeps the one that does best on the calibration's held-out runs (its record in `validation`).
+
+        Each held-out run of each distinct candidate schedule is one pipeline call; the calls the bound in
+        `BenchSettings.validation_calls` leaves unused (candidates that planned the same schedule, runs the
+        cost cap left out) are advanced at the end, so the progress total stays exact.
+        """
+        calls = []
+
+        def on_run() -> None:
+            calls.append(1)
+            self.advance()
+
+        schedule = plan(calibration, budget, pipe=self.pipe, candidates=self.settings.candidates, on_run=on_run)
+        for _ in range(self.settings.validation_calls - len(calls)):
+            self.advance()
+        return schedule
+
+    def schedules(self, budget: int, calibration: Calibration, validated: Schedule) -> dict[str, Schedule]:
+        """The schedule-based methods' plans at `budget` from one calibration (MeanCache's: `validated`)."""
         steps = self.settings.steps
         costs = edge_costs(calibration.errors, calibration.sigmas, "displacement").reuse
         path = minmax_path(costs, budget)
@@ -374,39 +475,33 @@ class Bench:
                           orders=path.orders, gamma=0.0, cost="displacement", predicted_cost=path.objective,
                           edge_costs=path.edge_costs, height=calibration.height, width=calibration.width)
         return {
-            "meancache": plan_schedule(calibration, budget),
+            "meancache": validated,
+            "meancache_default": plan(calibration, budget),
             "reuse": uniform_schedule(calibration.model, steps, budget),
             "planner_k0": plan_schedule(calibration, budget, kmax=0),
             "minmax": minmax,
         }
 
-    def build_methods(self, budget: int, calibration: Calibration, calibration_ref: Any, mag_ratios: list[float],
-                      kwargs: dict[str, Any]) -> list[Method]:
+    def build_methods(self, budget: int, calibration: Calibration, validated: Schedule, calibration_ref: Any,
+                      mag_ratios: list[float], kwargs: dict[str, Any]) -> list[Method]:
         """Every method at `budget`; the dynamic caches searched on the first calibration pair."""
         steps = self.settings.steps
-        plans = self.schedules(budget, calibration)
+        keys = self.settings.methods_at(budget)
+        plans = self.schedules(budget, calibration, validated)
         prompt, seed = self.settings.prompts.calibration_a.pairs()[0]
         iterations = self.settings.search_iterations
 
         def nfe_of(method: Method) -> float:
             return self.call(method, prompt, seed, kwargs, output_type="latent", tick=False).nfe
 
-        fbc_threshold, fbc_probes = bisect_threshold(
-            lambda threshold: nfe_of(fbcache_method(budget, steps, threshold)), budget, *FBC_RANGE, iterations,
-            self.advance)
-        mag_threshold, mag_probes = bisect_threshold(
-            lambda threshold: nfe_of(magcache_method(budget, steps, threshold, mag_ratios)), budget, *MAG_RANGE,
-            iterations, self.advance)
-        taylor_scores = {}
-        for order in (1, 2):
-            run = self.call(taylorseer_method(budget, steps, order), prompt, seed, kwargs)
-            taylor_scores[order] = compare(run.images[0], calibration_ref)[0]
-        taylor_order = max(taylor_scores, key=taylor_scores.__getitem__)
-
-        meancache = plans["meancache"]
+        meancache, default = plans["meancache"], plans["meancache_default"]
         built = {
             "meancache": meancache_method("meancache", meancache, gamma=meancache.gamma, cost=meancache.cost,
-                                          predicted_cost=meancache.predicted_cost),
+                                          predicted_cost=meancache.predicted_cost,
+                                          recipe=meancache.validation["chosen"]),
+            "meancache_default": meancache_method("meancache_default", default, gamma=default.gamma, cost=default.cost,
+                                                  predicted_cost=default.predicted_cost,
+                                                  recipe=defaults.RECIPE.name),
             "euler": euler_method(budget),
             "unipc": solver_method("unipc", budget),
             "dpmpp": solver_method("dpmpp", budget),
@@ -415,17 +510,30 @@ class Bench:
                                            predicted_cost=plans["planner_k0"].predicted_cost),
             "minmax": meancache_method("minmax", plans["minmax"], largest_edge_cost=plans["minmax"].predicted_cost),
             "authors": authors_method(release_on_schedule(meancache)),
-            "fbcache": fbcache_method(budget, steps, fbc_threshold),
-            "taylorseer": taylorseer_method(budget, steps, taylor_order),
-            "magcache": magcache_method(budget, steps, mag_threshold, mag_ratios),
         }
+        if "fbcache" in keys:
+            threshold, probes = bisect_threshold(
+                lambda threshold: nfe_of(fbcache_method(budget, steps, threshold)), budget, *FBC_RANGE, iterations,
+                self.advance)
+            built["fbcache"] = fbcache_method(budget, steps, threshold)
+            built["fbcache"].settings["search"] = [[p.threshold, p.nfe] for p in probes]
+        if "magcache" in keys:
+            threshold, probes = bisect_threshold(
+                lambda threshold: nfe_of(magcache_method(budget, steps, threshold, mag_ratios)), budget, *MAG_RANGE,
+                iterations, self.advance)
+            built["magcache"] = magcache_method(budget, steps, threshold, mag_ratios)
+            built["magcache"].settings["search"] = [[p.threshold, p.nfe] for p in probes]
+        if "taylorseer" in keys:
+            scores = {}
+            for order in (1, 2):
+                run = self.call(taylorseer_method(budget, steps, order), prompt, seed, kwargs)
+                scores[order] = compare(run.images[0], calibration_ref)[0]
+            built["taylorseer"] = taylorseer_method(budget, steps, max(scores, key=scores.__getitem__))
+            built["taylorseer"].settings["order_search_psnr"] = {str(k): v for k, v in scores.items()}
         release = release_schedule(self.settings.model, steps, budget)
         if release is not None:
             built["release"] = authors_method(release, key="release")
-        built["fbcache"].settings["search"] = [[p.threshold, p.nfe] for p in fbc_probes]
-        built["magcache"].settings["search"] = [[p.threshold, p.nfe] for p in mag_probes]
-        built["taylorseer"].settings["order_search_psnr"] = {str(k): v for k, v in taylor_scores.items()}
-        return [built[key] for key in self.settings.methods_at(budget)]
+        return [built[key] for key in keys]
 
     def time_methods(self, methods: list[Method], kwargs: dict[str, Any]
                      ) -> tuple[list[float], dict[str, list[float]], int]:
@@ -469,8 +577,12 @@ class Bench:
             "call_kwargs": {k: v for k, v in settings.call_kwargs.items() if k != "num_inference_steps"},
             "configs": configs,
             "prompts": {"calibration_a": prompts.calibration_a.as_dict(),
-                        "calibration_b": prompts.calibration_b.as_dict(),
+                        **({"calibration_b": prompts.calibration_b.as_dict()} if settings.calibrates_b else {}),
                         "evaluation": prompts.evaluation.as_dict()},
+            "left_out": {"methods": [METHODS[key].label for key in METHOD_ORDER if key not in settings.methods],
+                         "ablations": [name for name in ABLATIONS if name not in settings.ablation_tables],
+                         "resolution_transfer": not settings.profile.resolution_transfer,
+                         "note": settings.profile.note},
             "methods": {key: {"label": METHODS[key].label, "family": METHODS[key].family,
                               "description": METHODS[key].description} for key in settings.methods},
             "results": self.results,
@@ -497,34 +609,44 @@ class Bench:
         self.branches = 1
         self.branches = self.count_branches(*pairs[0], kwargs)
         references, oracle = self.references(pairs, kwargs, record=True)
-        calibration_ref = self.references(prompts.calibration_a.pairs()[:1], kwargs, fine=False)[0].images[0]
+        calibration_ref = None
+        if "taylorseer" in settings.methods:
+            calibration_ref = self.references(prompts.calibration_a.pairs()[:1], kwargs, fine=False)[0].images[0]
         done()
-        done = phase(f"calibration ({len(prompts.calibration_a.pairs())} + {len(prompts.calibration_b.pairs())} "
-                     "runs, MagCache ratios)")
+        runs = f"{len(prompts.calibration_a.pairs())}" + (
+            f" + {len(prompts.calibration_b.pairs())}" if settings.calibrates_b else "")
+        done = phase(f"calibration ({runs} runs" + (", MagCache ratios)" if "magcache" in settings.methods else ")"))
         self.calibrations[f"{tag}/A"] = self.calibrate(prompts.calibration_a, kwargs)
-        self.calibrations[f"{tag}/B"] = self.calibrate(prompts.calibration_b, kwargs)
+        if settings.calibrates_b:
+            self.calibrations[f"{tag}/B"] = self.calibrate(prompts.calibration_b, kwargs)
         self.calibrations[f"{tag}/evaluation (oracle)"] = oracle
-        mag_ratios = calibrate_mag_ratios(self.pipe, prompts.calibration_a.pairs()[:MAG_CALIBRATION_PAIRS], kwargs,
-                                          settings.steps, self.advance)
+        mag_ratios = []
+        if "magcache" in settings.methods:
+            mag_ratios = calibrate_mag_ratios(self.pipe, prompts.calibration_a.pairs()[:MAG_CALIBRATION_PAIRS],
+                                              kwargs, settings.steps, self.advance)
         done()
         calibration = self.calibrations[f"{tag}/A"]
         grid_rows = [i for i, (_, seed) in enumerate(pairs) if seed == prompts.evaluation.seeds[0]]
         self.grid[tag] = {"reference": [references.images[i] for i in grid_rows]}
         reference_seconds: list[float] = []
+        validation: dict[str, dict[str, Any]] = {}
 
         for budget in settings.all_budgets:
+            done = phase(f"B = {budget}: validating the plan (up to {len(settings.candidates)} candidate schedules "
+                         f"on {settings.holdout} held-out run{'s' if settings.holdout != 1 else ''})")
+            validated = self.validated_plan(calibration, budget)
+            validation[str(budget)] = validated.validation
+            done()
             done = phase(f"B = {budget}: search and evaluation")
-            methods = self.build_methods(budget, calibration, calibration_ref, mag_ratios, kwargs)
+            methods = self.build_methods(budget, calibration, validated, calibration_ref, mag_ratios, kwargs)
             rows = []
             for method in methods:
-                summary, images = self.evaluate(method, references, kwargs)
+                summary, images = self.evaluate_method(tag, method, references, kwargs)
                 rows.append({"config": tag, "budget": budget, "method": method.key, "label": method.info.label,
                              "family": method.info.family, "stress": budget not in settings.budgets,
                              "settings": method.settings, **summary})
                 if budget == settings.ablation_budget:
                     self.grid[tag][method.key] = [images[i] for i in grid_rows]
-                    if method.key in ("meancache", "planner_k0"):
-                        self.variant_cache[(tag, *self._schedule_key(method))] = summary
             done()
             done = phase(f"B = {budget}: timing ({settings.repeats} runs per method)")
             uncached, timed, attempts = self.time_methods(methods, kwargs)
@@ -550,33 +672,43 @@ class Bench:
             "call_kwargs": {k: v for k, v in kwargs.items() if k != "num_inference_steps"},
             "branches": self.branches, "mag_ratios": mag_ratios,
             "calibration": {"prompts": calibration.prompts, "seeds": calibration.seeds,
-                            "trajectories": calibration.trajectories},
+                            "trajectories": calibration.trajectories,
+                            "held_out": [[run.prompt, run.seed] for run in calibration.held_out]},
+            "validation": validation,
             "reference": {"nfe": settings.steps, "seconds_median": statistics.median(reference_seconds),
                           "seconds_runs": reference_seconds, "accuracy": float(np.mean(accuracy)),
                           "accuracy_runs": accuracy},
         }
         return summary, ablations
 
-    @staticmethod
-    def _schedule_key(method: Method) -> tuple:
-        settings = method.settings
-        return (tuple(settings["compute_steps"]), tuple(settings["orders"]), tuple(settings["lambdas"]),
-                settings["estimator"])
-
-    def variant(self, tag: str, name: str, schedule: Schedule, references: References, kwargs: dict[str, Any],
-                **extra: Any) -> dict[str, Any]:
-        """A MeanCache schedule evaluated once per distinct (configuration, schedule)."""
-        method = meancache_method("meancache", schedule)
+    def evaluate_method(self, tag: str, method: Method, references: References, kwargs: dict[str, Any]
+                        ) -> tuple[dict[str, Any], list[Any]]:
+        """`evaluate`, once per distinct (configuration, schedule run by MeanCache's hook): a schedule
+        evaluated before (the validated plan when it is the default recipe's, an ablation variant equal to a
+        method's) is not run again, and its calls are advanced."""
+        if method.key not in SCHEDULE_METHODS:
+            return self.evaluate(method, references, kwargs)
         key = (tag, *self._schedule_key(method))
         if key in self.variant_cache:
             for _ in references.pairs:
                 self.advance()
-            summary = self.variant_cache[key]
-        else:
-            summary, _ = self.evaluate(method, references, kwargs)
-            self.variant_cache[key] = summary
+            return self.variant_cache[key]
+        self.variant_cache[key] = self.evaluate(method, references, kwargs)
+        return self.variant_cache[key]
+
+    @staticmethod
+    def _schedule_key(method: Method) -> tuple:
+        settings = method.settings
+        return (tuple(settings["compute_steps"]), tuple(settings["orders"]), tuple(settings["lambdas"]),
+                tuple(settings["kinds"]), settings["estimator"])
+
+    def variant(self, tag: str, name: str, schedule: Schedule, references: References, kwargs: dict[str, Any],
+                **extra: Any) -> dict[str, Any]:
+        """A MeanCache schedule evaluated once per distinct (configuration, schedule)."""
+        summary, _ = self.evaluate_method(tag, meancache_method("meancache", schedule), references, kwargs)
         return {"variant": name, "compute_steps": list(schedule.compute_steps), "orders": list(schedule.orders),
-                "lambdas": list(schedule.lambdas), "predicted_cost": schedule.predicted_cost, **extra, **summary}
+                "lambdas": list(schedule.lambdas), "kinds": list(schedule.kinds),
+                "predicted_cost": schedule.predicted_cost, **extra, **summary}
 
     def ablations(self, tag: str, calibration: Calibration, references: References, kwargs: dict[str, Any]
                   ) -> dict[str, Any]:
@@ -586,26 +718,28 @@ class Bench:
         def variant(name: str, schedule: Schedule, **extra: Any) -> dict[str, Any]:
             return self.variant(tag, name, schedule, references, kwargs, **extra)
 
-        out: dict[str, Any] = {"budget": budget}
-        out["kmax"] = [variant(f"Kmax = {k}", plan_schedule(calibration, budget, kmax=k), kmax=k)
-                       for k in settings.kmax_values]
-        out["gamma"] = [variant(f"γ = {g:g}", plan_schedule(calibration, budget, gamma=g), gamma=g)
-                        for g in settings.gamma_values]
-        out["cost"] = [variant(f"{cost} cost", plan_schedule(calibration, budget, cost=cost), cost=cost)
-                       for cost in settings.cost_values]
-        out["lambdas"] = [variant("λ ∈ {" + ", ".join(f"{v:g}" for v in values) + "}",
-                                  plan_schedule(calibration, budget, lambdas=values), lambdas_allowed=list(values))
-                          for values in settings.lambda_sets]
-        out["estimator"] = [variant("planned schedule (default)", plan_schedule(calibration, budget))] + [
-            variant(f"uniform steps, K = 1, λ = {damping:g}",
-                    uniform_jvp_schedule(settings.model, settings.steps, budget, damping))
-            for damping in settings.uniform_jvp_lambdas]
-        out["transfer_prompts"] = [
-            variant(f"planned on {name}", plan_schedule(self.calibrations[f"{tag}/{name}"], budget), calibration=name,
-                    calibration_prompts=self.calibrations[f"{tag}/{name}"].prompts,
-                    calibration_seeds=self.calibrations[f"{tag}/{name}"].seeds)
-            for name in ("A", "B", "evaluation (oracle)")]
-        return out
+        tables: dict[str, Callable[[], list[dict[str, Any]]]] = {
+            "kmax": lambda: [variant(f"Kmax = {k}", plan_schedule(calibration, budget, kmax=k), kmax=k)
+                             for k in settings.kmax_values],
+            "gamma": lambda: [variant(f"γ = {g:g}", plan_schedule(calibration, budget, gamma=g), gamma=g)
+                              for g in settings.gamma_values],
+            "cost": lambda: [variant(f"{cost} cost", plan_schedule(calibration, budget, cost=cost), cost=cost)
+                             for cost in settings.cost_values],
+            "lambdas": lambda: [variant("λ ∈ {" + ", ".join(f"{v:g}" for v in values) + "}",
+                                        plan_schedule(calibration, budget, lambdas=values),
+                                        lambdas_allowed=list(values))
+                                for values in settings.lambda_sets],
+            "estimator": lambda: [variant("planned schedule (default)", plan_schedule(calibration, budget))] + [
+                variant(f"uniform steps, K = 1, λ = {damping:g}",
+                        uniform_jvp_schedule(settings.model, settings.steps, budget, damping))
+                for damping in settings.uniform_jvp_lambdas],
+            "transfer_prompts": lambda: [
+                variant(f"planned on {name}", plan_schedule(self.calibrations[f"{tag}/{name}"], budget),
+                        calibration=name, calibration_prompts=self.calibrations[f"{tag}/{name}"].prompts,
+                        calibration_seeds=self.calibrations[f"{tag}/{name}"].seeds)
+                for name in ("A", "B", "evaluation (oracle)")],
+        }
+        return {"budget": budget, **{name: tables[name]() for name in settings.ablation_tables}}
 
     def resolution_transfer(self, tag: str, calibration: Calibration, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Planned at the model's resolution vs at the target one, both evaluated at the target."""
@@ -668,7 +802,7 @@ def run_bench(
     import diffusers
 
     from ..errors import UsageError
-    from .report import write_outputs
+    from .report import distributions, write_outputs
 
     stage = stage or (lambda name: None)
     out_dir = Path(out_dir)
@@ -696,6 +830,7 @@ def run_bench(
             bench.counter.remove()
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
+    results["distributions"] = distributions(results)
     results["command"] = command
     results["total_seconds"] = time.perf_counter() - started
     stage("writing the report")
@@ -704,9 +839,11 @@ def run_bench(
 
 
 def default_report_path(out_dir: Path | str) -> Path:
-    """docs/benchmarks.md for the default docs/bench, else OUT/benchmarks.md."""
-    if Path(out_dir).resolve() == DEFAULT_OUT.resolve():
-        return DEFAULT_OUT.parent / "benchmarks.md"
+    """docs/benchmarks.md for the default docs/bench, docs/benchmarks-NAME.md for docs/bench-NAME (`make bench`
+    writes docs/bench-hard), else OUT/benchmarks.md."""
+    out, default = Path(out_dir).resolve(), DEFAULT_OUT.resolve()
+    if out.parent == default.parent and (out.name == default.name or out.name.startswith(f"{default.name}-")):
+        return DEFAULT_OUT.parent / f"benchmarks{out.name.removeprefix(default.name)}.md"
     return Path(out_dir) / "benchmarks.md"
 
 

@@ -37,6 +37,9 @@ class ModelSpec:
     # Transformer config values that tell this family from another with the same pipeline class
     # (FLUX.1 [dev] embeds guidance, [schnell] does not); matched against a saved pipeline directory.
     transformer_config: dict[str, Any] = field(default_factory=dict)
+    # How `meancache bench` runs this model (configurations, prompt set, peers it cannot run): see
+    # `bench.runner.BenchProfile`; empty: its own default call arguments on the generic prompts.
+    bench: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     family: str | None = None  # for a pipeline directory: the registered model whose defaults it got
 
