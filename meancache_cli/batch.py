@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import defaults
+from .calibration import Progress
 from .distributed import World
 from .files import Schedule, write_atomic
-from .generate import generate
+from .generate import generate, provenance, save_output
 from .models.registry import ModelSpec
-from .outputs import save_image, save_video
 
 MANIFEST = "manifest.jsonl"
 
@@ -40,7 +42,7 @@ def run_batch(
     call_kwargs: dict[str, Any],
     schedule: Schedule | None,
     save: Callable[[Any, Path, dict[str, Any]], None],
-    batch_size: int = 1,
+    batch_size: int = defaults.BATCH_SIZE,
     world: World | None = None,
     on_image: Callable[[], None] | None = None,
     strict: bool = False,
@@ -57,9 +59,8 @@ def run_batch(
         result = generate(pipe, [job.prompt for job in chunk], [job.seed for job in chunk], call_kwargs, schedule,
                           strict=strict)
         for job, image in zip(chunk, result.images):
-            record = {"index": job.index, "prompt": job.prompt, "seed": job.seed, "file": job.path.name,
-                      "nfe": result.nfe, "seconds": result.seconds, "batch": len(chunk),
-                      "schedule_sha256": schedule.sha256() if schedule else None}
+            record = provenance(schedule, index=job.index, prompt=job.prompt, seed=job.seed, file=job.path.name,
+                                nfe=result.nfe, seconds=result.seconds, batch=len(chunk))
             save(image, job.path, record)
             with open(part, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -92,21 +93,20 @@ def pending_jobs(jobs: list[Job], world: World) -> list[Job]:
 
 def generate_batch(pipe: Any, spec: ModelSpec, jobs: list[Job], call_kwargs: dict[str, Any],
                    schedule: Schedule | None, out_dir: Path, batch_size: int, world: World, fps: int | None,
-                   on_image: Callable[[], None] | None = None, strict: bool = False) -> dict[str, Any] | None:
+                   strict: bool = False, progress: Progress | None = None) -> dict[str, Any] | None:
     """Every job into `out_dir/` (images or videos by the model's kind), then the merged manifest.
 
+    `progress(jobs)`, given how many jobs this process has left, opens the callback that sees each finished one.
     Returns the summary on rank 0 and None on the other ranks, which leave reporting to rank 0.
     """
     out_dir.mkdir(exist_ok=True)
-    provenance = {"model": spec.name, "steps": call_kwargs["num_inference_steps"]}
 
     def save(item: Any, path: Path, record: dict[str, Any]) -> None:
-        if spec.fps is not None:
-            save_video(item, path, fps or spec.fps, {**provenance, **record})
-        else:
-            save_image(item, path, {**provenance, **record})
+        save_output(item, path, spec, fps, {"model": spec.name, "steps": call_kwargs["num_inference_steps"], **record})
 
-    done = run_batch(pipe, jobs, call_kwargs, schedule, save, batch_size, world, on_image=on_image, strict=strict)
+    left = len(pending_jobs(jobs, world))
+    with progress(left) if progress is not None else nullcontext() as on_image:
+        done = run_batch(pipe, jobs, call_kwargs, schedule, save, batch_size, world, on_image=on_image, strict=strict)
     world.barrier()
     if not world.is_main:
         return None

@@ -16,6 +16,7 @@ import itertools
 import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,14 @@ from . import defaults
 from .core.planner import plan_stability
 from .core.stability import StabilityMaps, edge_costs
 from .distributed import World
-from .errors import FileFormatError, UsageError
-from .files import Calibration, HeldOutRun, write_atomic
+from .errors import FileFormatError, Interrupted, UsageError
+from .files import Calibration, HeldOutRun, save_calibration, write_atomic
 from .hooks import RecorderHook, apply_recorder, remove_recorder
 from .models.registry import ModelSpec
 
 StepCallback = Callable[[], None]
+# Given how many runs (or outputs) are ahead, opens the callback that sees each step (or output) done.
+Progress = Callable[[int], AbstractContextManager[StepCallback | None]]
 JSON_VALUES = (str, int, float, bool, type(None))
 
 
@@ -280,6 +283,73 @@ def calibrate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, model:
     settings = MapSettings(max_back, tuple(sorted(float(value) for value in lambdas)), max_elements)
     return run_calibration(pipe, model or type(pipe).__name__, prompts, seeds, call_kwargs, settings, on_step=on_step,
                            holdout=holdout, auto_max_runs=max_runs if runs == "auto" else None)
+
+
+@dataclass(frozen=True)
+class WrittenCalibration:
+    """What `calibrate_to_file` wrote, and how many of its runs came from an interrupted calibration's shards."""
+
+    calibration: Calibration
+    reused: int
+
+
+def calibrate_to_file(
+    out: str | Path,
+    pipe: Any,
+    model: str,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    call_kwargs: dict[str, Any],
+    settings: MapSettings,
+    *,
+    holdout: int | None = None,
+    auto_max_runs: int | None = None,
+    resume: bool = False,
+    world: World | None = None,
+    progress: Progress | None = None,
+    on_stability: Callable[[PlanStability], None] | None = None,
+) -> WrittenCalibration | None:
+    """`run_calibration` written to `out`, resumable: `meancache calibrate`.
+
+    Each run is saved in `shard_directory(out)` until the calibration is written; an interrupt raises
+    Interrupted saying how many runs are saved there, and with `resume` the runs saved before are reused
+    (without it they are removed first). `progress(runs)`, given the runs this process makes (at most, with
+    `auto_max_runs`), opens the callback that sees each sampler step; a reused run reports all of its steps.
+    Returns what rank 0 wrote, with the runs reused by all processes; None on the other ranks.
+    """
+    world = world or World()
+    total = None if auto_max_runs is not None else len(prompts) * len(seeds)
+    held = holdout_count(holdout, total, len(prompts))
+    if not resume and world.is_main:
+        remove_shards(out)
+    world.barrier()
+    mine = (auto_max_runs if total is None else len(world.share(range(total - held)))) + (held if world.is_main else 0)
+    done = {"reused": 0, "saved": 0}
+    with progress(mine) if progress is not None else nullcontext() as on_step:
+
+        def resumed(steps: int) -> None:
+            done["reused"] += 1
+            for _ in range(steps if on_step is not None else 0):
+                on_step()
+
+        def saved() -> None:
+            done["saved"] += 1
+
+        try:
+            calibration = run_calibration(pipe, model, prompts, seeds, call_kwargs, settings, on_step=on_step,
+                                          shards=shard_directory(out), on_resumed=resumed, on_saved=saved,
+                                          world=world, holdout=held, auto_max_runs=auto_max_runs,
+                                          on_stability=on_stability)
+        except KeyboardInterrupt:
+            share = "" if world.size == 1 else " of this process's share"
+            raise Interrupted(f"{done['reused'] + done['saved']} of {mine} reference runs{share} are saved in "
+                              f"{shard_directory(out)}; run the same command with --resume to continue") from None
+    reused = int(world.sum_arrays({"reused": np.array([done["reused"]])})["reused"][0])
+    if not world.is_main:
+        return None
+    save_calibration(calibration, out)
+    remove_shards(out)
+    return WrittenCalibration(calibration, reused)
 
 
 def _run_or_resume(pipe: Any, recorder: RecorderHook, model: str, prompt: str, seed: int,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -17,72 +15,20 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from typer.core import TyperCommand, TyperGroup
 
-from . import defaults
-from .errors import INTERRUPTED_EXIT, Interrupted, MeanCacheError, UsageError, raise_on_signals
-
-
-class _BareFlags:
-    """typer's help shows a flag as `--json <bool>`, as if it took a value: show flags bare."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-        return params
-
-
-class Command(_BareFlags, TyperCommand):
-    pass
-
-
-class Group(_BareFlags, TyperGroup):
-    pass
-
+from . import defaults, options
+from .errors import INTERRUPTED_EXIT, Interrupted, MeanCacheError, UsageError, as_flags, describe, raise_on_signals
 
 app = typer.Typer(
-    cls=Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=options.Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Training-free average-velocity caching for diffusers flow-matching pipelines.",
 )
 stderr = Console(stderr=True)
 DEBUG = {"on": False}
 
-ModelOption = Annotated[str, typer.Option("--model", help="Registered model name or local pipeline directory.")]
-HeightOption = Annotated[int | None, typer.Option(help="Image height (model default if omitted).")]
-WidthOption = Annotated[int | None, typer.Option(help="Image width (model default if omitted).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-CfgOption = Annotated[float | None, typer.Option("--true-cfg-scale", help="True CFG scale (needs a negative prompt).")]
-NegativeOption = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt for true CFG.")]
-GuidanceOption = Annotated[float | None, typer.Option("--guidance-scale", help="Embedded guidance scale.")]
-DeviceOption = Annotated[str, typer.Option("--device", help="Torch device.")]
-FramesOption = Annotated[int | None, typer.Option("--frames", help="Video frames (video models; default if omitted).")]
-DtypeOption = Annotated[str | None, typer.Option("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32).")]
-OffloadOption = Annotated[bool, typer.Option("--offload", help="Keep each part on the CPU until it runs.")]
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("meancache-cli")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
-def print_version(value: bool) -> None:
-    if value:
-        print(f"meancache {package_version()}")
-        raise typer.Exit()
-
 
 @app.callback()
-def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
-                                          callback=print_version)] = False,
-) -> None:
+def main_options(debug: options.DebugOption = False, version: options.VersionOption = False) -> None:
     DEBUG["on"] = debug
     if not debug:
         # Libraries' FutureWarnings and notices are for their developers, not for someone running a command.
@@ -109,8 +55,10 @@ def emit(data: dict[str, Any], as_json: bool, text: str, to_stderr: bool = False
         print(text)
 
 
-def warn(message: str) -> None:
-    stderr.print(f"warning: {message}", style="yellow", highlight=False, soft_wrap=True)  # one line, like errors
+def warn(message: str | None) -> None:
+    """One line on stderr, like errors; nothing for None."""
+    if message is not None:
+        stderr.print(f"warning: {message}", style="yellow", highlight=False, soft_wrap=True)
 
 
 def load(spec: Any, device: str, dtype: str | None, offload: bool, call_kwargs: dict[str, Any]) -> Any:
@@ -126,225 +74,62 @@ def load(spec: Any, device: str, dtype: str | None, offload: bool, call_kwargs: 
     return pipe
 
 
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below 2^64
-
-
-def parse_seeds(text: str) -> list[int]:
-    parts = [part.strip() for part in text.split(",")]
-    if not any(parts):
-        raise UsageError("--seeds is empty: give comma-separated integers such as 0,1,2")
-    try:
-        seeds = [int(part) for part in parts]
-    except ValueError:
-        raise UsageError(f"--seeds '{text}' is invalid: give comma-separated integers such as 0,1,2") from None
-    for seed in seeds:
-        check_seed(seed, "--seeds")
-    return seeds
-
-
-def check_seed(seed: int, flag: str = "--seed", count: int = 1) -> None:
-    """Seeds `seed` … `seed + count − 1` must all be valid torch seeds."""
-    if seed < 0 or seed + count - 1 >= SEED_LIMIT:
-        extra = f" (with {count} prompts, seeds up to {seed + count - 1} are used)" if count > 1 else ""
-        raise UsageError(f"{flag} {seed} is out of range{extra}: use an integer from 0 to 2^64 − 1")
-
-
-def read_prompts(prompts: list[str], prompts_file: Path | None, defaults: list[str]) -> list[str]:
-    """The --prompt values, then the lines of --prompts FILE (`-` for stdin; `#` starts a comment)."""
-    if prompts_file is not None:
-        from .files import read_bytes
-
-        raw = read_bytes(prompts_file, "--prompts")
-        try:
-            text: str | None = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        if text is None or "\0" in text:
-            raise MeanCacheError(f"--prompts {prompts_file} is not a UTF-8 text file: save the prompts as UTF-8 "
-                                 "text, one per line")
-        lines = [line.strip() for line in text.splitlines()]
-        from_file = [line for line in lines if line and not line.startswith("#")]
-        if not from_file:
-            raise UsageError(f"--prompts {prompts_file} holds no prompt: write one prompt per line")
-        prompts = [*prompts, *from_file]
-    return prompts or defaults
-
-
-def check_vocabulary(spec: Any, prompts: list[str]) -> None:
-    """The demo and hard models know only the demo's words: say which ones they will not understand."""
-    if spec.name not in ("demo", "hard"):
-        return
-    from .models.demo import VOCABULARY, unknown_words
-
-    unknown = sorted({word for prompt in prompts for word in unknown_words(prompt)})
-    if unknown:
-        warn(f"the {spec.name} model does not know {shorten(unknown)}; its vocabulary is: {' '.join(VOCABULARY)}")
-
-
-def shorten(words: list[str], count: int = 8, length: int = 24) -> str:
-    """A few of `words`, each cut to `length` characters: a message never echoes a whole long prompt."""
-    shown = [word if len(word) <= length else word[:length] + "…" for word in words[:count]]
-    more = f" and {len(words) - count} more" if len(words) > count else ""
-    return ", ".join(shown) + more
-
-
-def check_steps(steps: int) -> None:
-    if steps < 2:
-        raise UsageError(f"--steps {steps} is too small: use 2 or more")
-
-
-def check_size(height: int | None, width: int | None) -> None:
-    for flag, value in (("--height", height), ("--width", width)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value} is invalid: use a positive number of pixels (omit it for the default)")
-
-
-def check_frames(spec: Any, frames: int | None) -> None:
-    if frames is not None and spec.fps is None:
-        raise UsageError(f"--frames: {spec.name} makes images, not videos; leave --frames out")
-    if frames is not None and frames < 1:
-        raise UsageError(f"--frames {frames} is invalid: use 1 or more")
-
-
-def guidance_kwargs(cfg: float | None, negative: str | None, guidance: float | None) -> dict[str, Any]:
-    """Guidance options for the pipeline call; an empty negative prompt is the usual one for true CFG."""
-    for flag, value in (("--true-cfg-scale", cfg), ("--guidance-scale", guidance)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"{flag} {value} is invalid: use a finite number ≥ 0")
-    if cfg is not None and cfg > 1 and negative is None:
-        raise UsageError('--true-cfg-scale needs --negative-prompt: true CFG runs the negative prompt as a branch '
-                         '(--negative-prompt "" is the usual one)')
-    return {"true_cfg_scale": cfg, "negative_prompt": negative, "guidance_scale": guidance}
-
-
-def parse_lambdas(text: str) -> tuple[float, ...]:
-    """Comma-separated dampings in (0, 1], sorted."""
-    try:
-        values = sorted({float(part) for part in text.split(",")})
-    except ValueError:
-        values = []
-    if not values or not all(0 < value <= 1 for value in values):
-        raise UsageError(f"--lambdas {text!r} is invalid: give comma-separated dampings in (0, 1], e.g. 0.5,1")
-    return tuple(values)
-
-
-@app.command(cls=Command)
+@app.command(cls=options.Command)
 def calibrate(
-    out: Annotated[Path, typer.Option("--out", help="Calibration file to write (.safetensors).")],
-    model: ModelOption = "demo",
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A calibration prompt (repeatable).")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="File with one prompt per line.")] = None,
-    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (model default if omitted).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampler steps N (model default if omitted).")] = None,
-    height: HeightOption = None,
-    width: WidthOption = None,
-    frames: FramesOption = None,
-    max_back: Annotated[int, typer.Option(
-        "--max-back", help="Look-back in steps: edge costs are measured for a previous compute step up to this far "
-        "before the edge.")] = defaults.MAX_BACK,
-    lambdas: Annotated[str, typer.Option(help="Comma-separated JVP dampings λ in (0, 1] to measure.")]
-    = ",".join(f"{value:g}" for value in defaults.LAMBDAS),
-    max_elements: Annotated[int, typer.Option(
-        "--max-elements", help="Measure the maps on a fixed random subset of this many latent elements (0: all).")]
-    = defaults.MAX_ELEMENTS,
-    holdout: Annotated[int | None, typer.Option(
-        "--holdout", help="Runs kept out of the maps to validate plans on (default: up to 4, at most a third).")]
-    = None,
-    runs: Annotated[str | None, typer.Option(
-        "--runs", help="auto: add seeds until plans from two halves of the runs agree (see --max-runs).")] = None,
-    max_runs: Annotated[int, typer.Option("--max-runs", help="With --runs auto: the most map runs.")]
-    = defaults.AUTO_MAX_RUNS,
-    true_cfg_scale: CfgOption = None,
-    negative_prompt: NegativeOption = None,
-    guidance_scale: GuidanceOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Reuse the runs an interrupted calibration saved.")] = False,
-    device: DeviceOption = "cpu",
-    dtype: DtypeOption = None,
-    offload: OffloadOption = False,
-    as_json: JsonOption = False,
+    out: options.CalibrationOutOption,
+    model: options.ModelOption = defaults.MODEL,
+    prompt: options.CalibrationPromptOption = None, prompts: options.PromptsFileOption = None,
+    seeds: options.SeedsOption = None,
+    steps: options.ModelStepsOption = None,
+    height: options.HeightOption = None, width: options.WidthOption = None, frames: options.FramesOption = None,
+    max_back: options.MaxBackOption = defaults.MAX_BACK,
+    lambdas: options.MeasuredLambdasOption = options.LAMBDAS_TEXT,
+    max_elements: options.MaxElementsOption = defaults.MAX_ELEMENTS,
+    holdout: options.HoldoutOption = None,
+    runs: options.RunsOption = None, max_runs: options.MaxRunsOption = defaults.AUTO_MAX_RUNS,
+    true_cfg_scale: options.CfgOption = None, negative_prompt: options.NegativeOption = None,
+    guidance_scale: options.GuidanceOption = None,
+    resume: options.ResumeOption = False,
+    device: options.DeviceOption = defaults.DEVICE, dtype: options.DtypeOption = None,
+    offload: options.OffloadOption = False,
+    as_json: options.JsonOption = False,
 ) -> None:
     """Run the uncached pipeline on a few prompts and seeds and record its error maps."""
-    import numpy as np
-
-    from .calibration import (
-        MapSettings,
-        PlanStability,
-        holdout_count,
-        reference_run_kwargs,
-        remove_shards,
-        run_calibration,
-        shard_directory,
-    )
+    from .calibration import MapSettings, PlanStability, calibrate_to_file, reference_run_kwargs
     from .distributed import current_world
-    from .files import save_calibration, writes_to_stdout
     from .models.registry import resolve_model
-    from .outputs import check_output_directory
 
-    if max_back < 1:
-        raise UsageError(f"--max-back {max_back} is invalid: use 1 or more")
-    if max_elements < 0:
-        raise UsageError(f"--max-elements {max_elements} is invalid: use 0 (all elements) or more")
-    if runs not in (None, "auto"):
-        raise UsageError(f"--runs {runs} is invalid: use --runs auto, or give the runs as --prompt/--seeds")
-    settings = MapSettings(max_back, parse_lambdas(lambdas), max_elements or None)
-    to_stdout = writes_to_stdout(out)
-    if as_json and to_stdout:
-        raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
-    check_output_directory(out)
+    options.check_map_options(max_back, max_elements, runs)
+    settings = MapSettings(max_back, options.parse_lambdas(lambdas), max_elements or None)
+    to_stdout = options.check_output(out, as_json)
     spec = resolve_model(model)
     steps = steps if steps is not None else spec.steps
-    check_steps(steps)
-    prompt_list = read_prompts(prompt or [], prompts, spec.calibration_prompts)
+    options.check_steps(steps)
+    prompt_list = options.read_prompts(prompt or [], prompts, spec.calibration_prompts)
     if not prompt_list:
         raise UsageError("no calibration prompt: pass --prompt TEXT or --prompts FILE")
-    seed_list = parse_seeds(seeds) if seeds is not None else spec.calibration_seeds
-    check_vocabulary(spec, prompt_list)
-    check_frames(spec, frames)
-    check_size(height, width)
+    seed_list = options.parse_seeds(seeds) if seeds is not None else spec.calibration_seeds
+    warn(options.vocabulary_warning(spec, prompt_list))
+    options.check_frames(spec, frames)
+    options.check_size(height, width)
     kwargs = reference_run_kwargs(spec, steps, height, width, frames,
-                                  guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
+                                  options.guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     world = current_world()
     pipe = load(spec, world.device(device), dtype, offload, kwargs)
     auto = runs == "auto"
-    total = None if auto else len(prompt_list) * len(seed_list)
-    held = holdout_count(holdout, total, len(prompt_list))
-    if not resume and world.is_main:
-        remove_shards(out)
-    world.barrier()
-    mine = (max_runs if auto else len(world.share(range(total - held)))) + (held if world.is_main else 0)
-    done = {"reused": 0, "saved": 0}
-    figures: list[Any] = []
 
     def stability(figure: Any) -> None:
-        figures.append(figure)
         stderr.print(f"after {figure.map_runs} map runs: plan regret {100 * figure.regret:.1f} %, "
                      f"{figure.shared_steps}/{figure.budget} compute steps shared", highlight=False)
 
-    with progress_bar(f"calibrating {spec.name}: {'up to ' if auto else ''}{mine} runs", mine * steps,
-                      enabled=world.is_main) as advance:
-
-        def resumed(steps: int) -> None:
-            done["reused"] += 1
-            for _ in range(steps):
-                advance()
-
-        def saved() -> None:
-            done["saved"] += 1
-
-        try:
-            calibration = run_calibration(pipe, spec.name, prompt_list, seed_list, kwargs, settings, on_step=advance,
-                                          shards=shard_directory(out), on_resumed=resumed, on_saved=saved,
-                                          world=world, holdout=held, auto_max_runs=max_runs if auto else None,
-                                          on_stability=stability)
-        except KeyboardInterrupt:
-            share = "" if world.size == 1 else " of this process's share"
-            raise Interrupted(f"{done['reused'] + done['saved']} of {mine} reference runs{share} are saved in "
-                              f"{shard_directory(out)}; run the same command with --resume to continue") from None
-    reused = int(world.sum_arrays({"reused": np.array([done["reused"]])})["reused"][0])
-    if not world.is_main:
+    written = calibrate_to_file(
+        out, pipe, spec.name, prompt_list, seed_list, kwargs, settings, holdout=holdout,
+        auto_max_runs=max_runs if auto else None, resume=resume, world=world, on_stability=stability,
+        progress=lambda runs: progress_bar(f"calibrating {spec.name}: {'up to ' if auto else ''}{runs} runs",
+                                           runs * steps, enabled=world.is_main))
+    if written is None:
         return
-    save_calibration(calibration, out)
-    remove_shards(out)
+    calibration, reused = written.calibration, written.reused
     made = len(prompt_list) * len(calibration.seeds)
     summary = {"output": str(out), "model": spec.name, "steps": steps, "max_back": calibration.max_back,
                "lambdas": list(settings.lambdas), "runs": made, "held_out": len(calibration.held_out),
@@ -358,48 +143,31 @@ def calibrate(
     emit(summary, as_json, text, to_stderr=to_stdout)
 
 
-@app.command("plan", cls=Command)
+@app.command("plan", cls=options.Command)
 def plan(
-    calibration: Annotated[str, typer.Option("--calibration", help="Calibration file, or - for stdin.")],
-    budget: Annotated[int, typer.Option("--budget", help="Model evaluations per generation (B).")],
-    model: Annotated[str | None, typer.Option("--model", help=(
-        "The calibrated model: validate candidate recipes by cached runs on the calibration's held-out runs and "
-        "keep the best (without it: plan the default recipe, or the one the options below give)."))] = None,
-    gamma: Annotated[float | None, typer.Option(help=(
-        "Peak suppression γ ≥ 0: minimizes Σ cost^(1+γ) (0 = plain shortest path; large → min-max). "
-        f"Default {defaults.RECIPE.gamma:g}."))] = None,
-    cost: Annotated[str | None, typer.Option(
-        help=f"Edge cost: velocity (E) or displacement (|Δσ|·E). Default {defaults.RECIPE.cost}.")] = None,
-    lambdas: Annotated[str | None, typer.Option(
-        help="Comma-separated dampings λ the planner may use (a subset of the calibration's).")] = None,
-    exponential: Annotated[bool | None, typer.Option(
-        "--exp/--no-exp", help="Let edges use the exponential integrator (DPM-Solver++(2M) as a mean velocity).")]
-    = None,
-    max_skip: Annotated[int | None, typer.Option("--max-skip", help="Longest edge in steps.")] = None,
-    kmax: Annotated[int, typer.Option(
-        help="Largest order K: 0 = velocity reuse only, 1 = the JVP from the previous compute step.")] = 1,
-    steps: Annotated[int | None, typer.Option(
-        help="Sampler steps to plan for, at most the calibration's (default: the calibration's).")] = None,
-    device: DeviceOption = "cpu",
-    dtype: DtypeOption = None,
-    out: Annotated[str, typer.Option("--out", help="Schedule file to write, or - for stdout.")] = "-",
-    as_json: JsonOption = False,
+    calibration: options.CalibrationFileOption,
+    budget: options.BudgetOption,
+    model: options.ValidateModelOption = None,
+    gamma: options.GammaOption = None, cost: options.CostOption = None, lambdas: options.PlanLambdasOption = None,
+    exponential: options.ExponentialOption = None,
+    max_skip: options.MaxSkipOption = None, kmax: options.KmaxOption = defaults.KMAX,
+    steps: options.PlanStepsOption = None,
+    device: options.DeviceOption = defaults.DEVICE, dtype: options.DtypeOption = None,
+    out: options.ScheduleOutOption = defaults.PLAN_OUT,
+    as_json: options.JsonOption = False,
 ) -> None:
     """Choose the compute steps: the cheapest path with exactly BUDGET model evaluations, validated on held-out
     calibration runs when --model is given."""
-    from .files import load_calibration, reference_from, save_schedule, writes_to_stdout
-    from .outputs import check_output_directory
+    from .files import load_calibration, reference_from, save_schedule
+    from .inspection import schedule_text
     from .planning import plan as make_plan
 
-    to_stdout = writes_to_stdout(out)
-    if as_json and to_stdout:
-        raise UsageError(f"--json and --out {out} both write to stdout: give --out FILE with --json")
-    check_output_directory(out)
+    to_stdout = options.check_output(out, as_json)
     if steps is not None:
-        check_steps(steps)
+        options.check_steps(steps)
     cal = load_calibration(calibration)
     recipe = {"cost": cost, "gamma": gamma, "exponential": exponential,
-              "lambdas": parse_lambdas(lambdas) if lambdas is not None else None}
+              "lambdas": options.parse_lambdas(lambdas) if lambdas is not None else None}
     pipe = None
     if model is not None:
         from .models.registry import resolve_model
@@ -420,147 +188,80 @@ def plan(
                "kinds": schedule.kinds, "cost": schedule.cost, "gamma": schedule.gamma,
                "edge_costs": schedule.edge_costs, "predicted_cost": schedule.predicted_cost,
                "speedup_ideal": steps / schedule.budget, "validation": schedule.validation}
-    text = (f"compute steps: {' '.join(map(str, schedule.compute_steps))}\n"
-            f"edges:         {' '.join(map(edge_label, schedule.kinds, schedule.lambdas))}"
-            "   (reuse v_t; jvp λ: the damped JVP; exp: the exponential integrator)\n"
-            f"edge costs:    {' '.join(f'{c:.3g}' for c in schedule.edge_costs)}   ({schedule.cost} error)\n"
-            f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ = {schedule.gamma:g}\n"
-            f"{schedule.budget} of {steps} steps, ideal speed-up {steps / schedule.budget:.1f}x"
-            + (f"\n{schedule.notes}" if schedule.notes else ""))
-    if schedule.validation is not None:
-        text += "\n" + validation_text(schedule.validation)
-    emit(summary, as_json, text, to_stderr=to_stdout)
+    emit(summary, as_json, schedule_text(schedule), to_stderr=to_stdout)
 
 
-def edge_label(kind: str, damping: float) -> str:
-    return f"jvp{damping:g}" if kind == "jvp" else kind
+app.command("schedule", cls=options.Command, help="Alias of plan.")(plan)
 
 
-def validation_text(validation: dict[str, Any]) -> str:
-    """The candidates' scores, the chosen one marked, and what the validation cost."""
-    lines = [f"validated on {validation['runs']} held-out runs ({validation['metric']}):"]
-    for entry in validation["candidates"]:
-        mark = "*" if entry["recipe"] == validation["chosen"] else " "
-        same = f"  (same plan as {entry['same_plan_as']})" if entry["same_plan_as"] else ""
-        lines.append(f" {mark} {entry['recipe']:<36} {entry['score']:6.2f} dB   min {min(entry['psnr']):6.2f}{same}")
-    lines.append(f"validation cost: {validation['evaluations_per_branch']} model evaluations per branch = "
-                 f"{100 * validation['cost_share']:.0f} % of the calibration's "
-                 f"{validation['calibration_evaluations_per_branch']}")
-    return "\n".join(lines)
-
-
-app.command("schedule", cls=Command, help="Alias of plan.")(plan)
-
-
-@app.command(cls=Command)
+@app.command(cls=options.Command)
 def generate(
-    out: Annotated[Path, typer.Option("--out", help="Image (.png, .jpg, .webp) or video (.mp4, .gif) to write; "
-                                      "a directory with --prompts.")],
-    prompt: Annotated[str | None, typer.Option("--prompt", help="The prompt.")] = None,
-    prompts: Annotated[Path | None, typer.Option(
-        "--prompts", help="File with one prompt per line: numbered outputs and manifest.jsonl in --out DIR.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per pipeline call with --prompts.")] = 1,
-    context_parallel: Annotated[int | None, typer.Option(
-        "--context-parallel", help="Split each generation across N GPUs (diffusers context parallelism, torchrun).")
-    ] = None,
-    model: ModelOption = "demo",
-    schedule: Annotated[str | None, typer.Option(
-        "--schedule", help="Schedule file, - for stdin, or a shipped schedule (qwen-image/authors-b10).")] = None,
-    budget: Annotated[int | None, typer.Option(
-        "--budget", help="Use the shipped schedule for this model and budget (no calibration needed).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Run the uncached pipeline.")] = False,
-    steps: Annotated[int | None, typer.Option(
-        help="Sampler steps N (the schedule's if omitted; another N runs the schedule mapped by σ).")] = None,
-    strict_schedule: Annotated[bool, typer.Option(
-        "--strict-schedule", help="Refuse a schedule planned for other steps instead of mapping it by σ.")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    height: HeightOption = None,
-    width: WidthOption = None,
-    frames: FramesOption = None,
-    fps: Annotated[int | None, typer.Option("--fps", help="Video frames per second (model default).")] = None,
-    true_cfg_scale: CfgOption = None,
-    negative_prompt: NegativeOption = None,
-    guidance_scale: GuidanceOption = None,
-    compare: Annotated[bool, typer.Option("--compare", help="Also run uncached: report speed-up and PSNR.")] = False,
-    repeat: Annotated[int, typer.Option(help="Timed runs per variant with --compare (median).")] = 3,
-    device: DeviceOption = "cpu",
-    dtype: DtypeOption = None,
-    offload: OffloadOption = False,
-    as_json: JsonOption = False,
+    out: options.GenerateOutOption,
+    prompt: options.PromptOption = None,
+    prompts: options.BatchPromptsOption = None, batch_size: options.BatchSizeOption = defaults.BATCH_SIZE,
+    context_parallel: options.ContextParallelOption = None,
+    model: options.ModelOption = defaults.MODEL,
+    schedule: options.ScheduleOption = None, budget: options.ShippedBudgetOption = None,
+    no_cache: options.NoCacheOption = False,
+    steps: options.GenerateStepsOption = None, strict_schedule: options.StrictScheduleOption = False,
+    seed: options.SeedOption = defaults.SEED,
+    height: options.HeightOption = None, width: options.WidthOption = None, frames: options.FramesOption = None,
+    fps: options.FpsOption = None,
+    true_cfg_scale: options.CfgOption = None, negative_prompt: options.NegativeOption = None,
+    guidance_scale: options.GuidanceOption = None,
+    compare: options.CompareOption = False, repeat: options.RepeatOption = defaults.REPEAT,
+    device: options.DeviceOption = defaults.DEVICE, dtype: options.DtypeOption = None,
+    offload: options.OffloadOption = False,
+    as_json: options.JsonOption = False,
 ) -> None:
     """Generate an image or a video, running the model only at the schedule's compute steps."""
-    from .batch import generate_batch, pending_jobs, plan_jobs
+    from .batch import generate_batch, plan_jobs
     from .calibration import reference_run_kwargs
     from .distributed import current_world, enable_context_parallel
     from .files import load_schedule, shipped_schedule_for
-    from .generate import check_schedule, compare_with_uncached
+    from .generate import check_schedule, compare_with_uncached, provenance, save_output
     from .generate import generate as run_generation
     from .models.registry import resolve_model
-    from .outputs import check_output_folder, check_output_path, save_image, save_video, video_output_path
 
-    if sum((schedule is not None, budget is not None, no_cache)) > 1:
-        raise UsageError("--schedule, --budget and --no-cache exclude each other: pass one")
-    if schedule is None and budget is None and not no_cache:
-        raise UsageError("no schedule: pass --schedule FILE (from 'meancache plan'), --budget B (a shipped schedule) "
-                         "or --no-cache")
-    if (prompt is None) == (prompts is None):
-        raise UsageError("pass either --prompt TEXT (one output) or --prompts FILE (a directory of outputs)")
-    for flag, value in (("--repeat", repeat), ("--batch-size", batch_size)):
-        if value < 1:
-            raise UsageError(f"{flag} {value} is invalid: use 1 or more")
+    options.check_generate_options(schedule, budget, no_cache, prompt, prompts, repeat, batch_size)
     spec = resolve_model(model)
     if budget is not None:
         schedule = shipped_schedule_for(spec.family or spec.name, budget)
-    check_frames(spec, frames)
-    video = spec.fps is not None
-    if prompts is not None:
-        prompt_list = read_prompts([], prompts, [])
-        check_output_folder(out)
-    else:
-        check_output_path(out, video=video)
-    if fps is not None and fps < 1:
-        raise UsageError(f"--fps {fps} is invalid: use 1 or more")
-    if video and prompts is None:
-        out, fallback = video_output_path(out)
-        if fallback:
-            warn(fallback)
-    check_seed(seed, count=len(prompt_list) if prompts is not None else 1)
-    check_size(height, width)
+    options.check_frames(spec, frames)
+    prompt_list, out, fallback = options.generate_outputs(spec, prompt, prompts, out, fps)
+    warn(fallback)
+    options.check_seed(seed, count=len(prompt_list))
+    options.check_size(height, width)
     plan = load_schedule(schedule) if schedule is not None else None
     steps = steps if steps is not None else (plan.num_inference_steps if plan else spec.steps)
-    check_steps(steps)
+    options.check_steps(steps)
     kwargs = reference_run_kwargs(spec, steps, height, width, frames,
-                                  guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
+                                  options.guidance_kwargs(true_cfg_scale, negative_prompt, guidance_scale))
     if plan is not None:
         for message in check_schedule(plan, spec.name, steps, kwargs.get("height"), kwargs.get("width"),
                                       spec.family, strict_schedule):
             warn(message)
-    check_vocabulary(spec, [prompt] if prompts is None else prompt_list)
+    warn(options.vocabulary_warning(spec, prompt_list))
     world = current_world()
     pipe = load(spec, world.device(device), dtype, offload, kwargs)
     if context_parallel is not None:
         enable_context_parallel(pipe, context_parallel, world)
     if prompts is not None:
-        jobs = plan_jobs(prompt_list, seed, out, ".gif" if video else ".png")
-        mine = len(pending_jobs(jobs, world))
-        with progress_bar(f"generating {mine} outputs", mine, enabled=world.is_main) as advance:
-            done = generate_batch(pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, on_image=advance,
-                                  strict=strict_schedule)
+        jobs = plan_jobs(prompt_list, seed, out, ".png" if spec.fps is None else ".gif")
+        done = generate_batch(
+            pipe, spec, jobs, kwargs, plan, out, batch_size, world, fps, strict=strict_schedule,
+            progress=lambda left: progress_bar(f"generating {left} outputs", left, enabled=world.is_main))
         if done is not None:
             emit(done, as_json, f"wrote {done.pop('written')} outputs to {out} (manifest.jsonl); "
                  f"{done['generated']} generated here")
         return
     with progress_bar("generating", steps) as advance:
         result = run_generation(pipe, prompt, seed, kwargs, plan, on_step=advance, strict=strict_schedule)
-    provenance = {"model": spec.name, "prompt": prompt, "seed": seed, "steps": steps, "nfe": result.nfe,
-                  "schedule_sha256": plan.sha256() if plan else None}
+    video = {"frames": len(result.images[0])} if spec.fps is not None else {}
     summary = {"output": str(out), "nfe": result.nfe, "steps": steps, "seconds": result.seconds,
-               "model": spec.name, "seed": seed, "cached": plan is not None}
-    if video:
-        summary["frames"] = len(result.images[0])
-        save_video(result.images[0], out, fps or spec.fps, {**provenance, "frames": summary["frames"]})
-    else:
-        save_image(result.images[0], out, provenance)
+               "model": spec.name, "seed": seed, "cached": plan is not None, **video}
+    save_output(result.images[0], out, spec, fps,
+                provenance(plan, model=spec.name, prompt=prompt, seed=seed, steps=steps, nfe=result.nfe, **video))
     text = f"wrote {out}: {result.nfe} model evaluations for {steps} steps in {result.seconds:.2f} s"
     if compare and plan is not None:
         with progress_bar("timing cached vs uncached", 2 * repeat + 2) as advance:
@@ -573,9 +274,9 @@ def generate(
     emit(summary, as_json, text)
 
 
-@app.command(cls=Command)
+@app.command(cls=options.Command)
 def bench(
-    model: ModelOption = "demo",
+    model: options.ModelOption = defaults.MODEL,
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few prompts, B = 10, 3 timed runs each.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Directory for results.json and figures.")] = Path("docs/bench"),
     report: Annotated[Path | None, typer.Option(
@@ -601,7 +302,7 @@ def bench(
         "With --real-size: the compiled rows, comma-separated: regional (repeated blocks), whole (the forward), "
         "module (transformer.compile()), wrapped (torch.compile(transformer)); or none. Default: "
         "regional,module,wrapped."))] = None,
-    as_json: JsonOption = False,
+    as_json: options.JsonOption = False,
 ) -> None:
     """Benchmark MeanCache against every peer on one model, prompts and seeds, in one process;
     or, with --real-size, its speed and memory on full-size transformers (needs CUDA)."""
@@ -622,7 +323,8 @@ def bench(
     report = report or default_report_path(out)
     command = "meancache " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = run_with_progress(model, quick, out, report, command=command, console=stderr,
-                                budgets=parse_budgets(budgets), steps=steps, repeats=repeats, device=device or "cpu")
+                                budgets=parse_budgets(budgets), steps=steps, repeats=repeats,
+                                device=device or defaults.DEVICE)
     emit({"report": str(report), "out": str(out), "budgets": sorted(results.get("budgets", []))}, as_json,
          f"wrote {report} and {out}/")
 
@@ -635,7 +337,7 @@ def bench_real_size(out: Path, report: Path | None, budgets: tuple[int, ...] | N
     from .bench.realsize_report import summary, write_real_size
     from .bench.runner import default_report_path
 
-    if quick or model != "demo":
+    if quick or model != defaults.MODEL:
         raise UsageError("--quick and --model do not apply to --real-size: use --repeats 1 and --families")
     report = report or default_report_path(out)
     results = run_real_size(families, device, reduced, steps, budgets, repeats, compile_mode or DEFAULT_COMPILE,
@@ -646,20 +348,19 @@ def bench_real_size(out: Path, report: Path | None, budgets: tuple[int, ...] | N
          f"{text}\nwrote {report} and {out / 'realsize.json'}")
 
 
-@app.command("inspect", cls=Command)
+@app.command("inspect", cls=options.Command)
 def inspect_file(
-    path: Annotated[str, typer.Argument(help="A calibration or a schedule file (- for stdin).")],
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: error map, path, velocity change.")] = None,
-    calibration: Annotated[str | None, typer.Option(
-        "--calibration", help="Calibration to draw a schedule on (default: the one it was planned from).")] = None,
-    cost: Annotated[str, typer.Option(help="Map to draw: displacement or velocity.")] = "displacement",
-    as_json: JsonOption = False,
+    path: options.InspectPathArgument,
+    plot: options.PlotOption = None,
+    calibration: options.PlotCalibrationOption = None,
+    cost: options.PlotCostOption = defaults.RECIPE.cost,
+    as_json: options.JsonOption = False,
 ) -> None:
     """Summarize a calibration or a schedule, and plot the error map with the chosen path."""
     from .core.stability import COST_KINDS
-    from .files import Schedule, load_calibration, load_file, resolve_reference
-    from .inspect import plot as plot_file
-    from .inspect import summary, summary_text
+    from .files import Schedule, load_file
+    from .inspection import calibration_to_plot, summary, summary_text
+    from .inspection import plot as plot_file
 
     if cost not in COST_KINDS:
         raise UsageError(f"--cost {cost} is unknown: use one of {', '.join(COST_KINDS)}")
@@ -671,24 +372,13 @@ def inspect_file(
     data = summary(item)
     if plot is not None:
         schedule = item if isinstance(item, Schedule) else None
-        if schedule is not None:
-            named = (schedule.calibration or {}).get("path")
-            if calibration is None and named is None:
-                raise UsageError("this schedule names no calibration: pass --calibration FILE to plot it")
-            source = calibration or resolve_reference(path, named)
-            if calibration is None and not Path(source).exists():
-                raise MeanCacheError(f"the schedule's calibration {named} is neither beside the schedule nor in the "
-                                     "working directory: pass --calibration FILE")
-            cal = load_calibration(source)
-        else:
-            cal = item
-        plot_file(cal, plot, schedule, cost)
+        plot_file(calibration_to_plot(item, path, calibration), plot, schedule, cost)
         data["plot"] = str(plot)
     emit(data, as_json, summary_text(data))
 
 
-@app.command(cls=Command)
-def models(as_json: JsonOption = False) -> None:
+@app.command(cls=options.Command)
+def models(as_json: options.JsonOption = False) -> None:
     """List the registered models."""
     from .models.registry import registered_models
 
@@ -703,33 +393,6 @@ def fail(message: str, code: int) -> None:
     """One line on stderr, never wrapped, then exit with `code`."""
     print(message, file=sys.stderr)
     sys.exit(code)
-
-
-PACKAGES = {"PIL": "pillow", "yaml": "pyyaml"}
-
-
-def describe(error: Exception) -> str:
-    """One line for an exception from a library: the common ones say what to do; anything else is a bug."""
-    if isinstance(error, ModuleNotFoundError) and error.name:
-        module = error.name.split(".")[0]
-        package = PACKAGES.get(module, module.replace("_", "-"))
-        return f"this needs the Python package '{package}', which is not installed: pip install {package}"
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return ("out of memory: lower --height, --width, --frames or --batch-size, or use --offload on a GPU")
-    if isinstance(error, OSError) and error.strerror:
-        where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror}{where}; check the path, its permissions and the free space"
-    message = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {message} (unexpected: run with --debug for the traceback, and report it)"
-
-
-LIBRARY_PARAMETERS = ("budget", "gamma", "cost", "kmax", "max_skip", "lambdas", "holdout", "max_runs", "runs", "steps")
-
-
-def as_flags(message: str) -> str:
-    """A library error names its parameters (`budget=12`); on the command line they are flags (`--budget 12`)."""
-    pattern = rf"\b({'|'.join(LIBRARY_PARAMETERS)})=('?)([^\s']*)\2"
-    return re.sub(pattern, lambda m: f"--{m[1].replace('_', '-')} {m[3]}", message)
 
 
 def main() -> None:

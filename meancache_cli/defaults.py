@@ -17,6 +17,16 @@ AUTO_MAX_RUNS = 32  # `--runs auto`: the most map runs it adds
 STABLE_REGRET = 0.05  # `--runs auto` stops once plans from two halves of the runs cost ≤ 5 % more than each other's
 VALIDATION_SHARE = 1 / 3  # validation may cost at most this share of the calibration's model evaluations
 VALIDATION_MARGIN = 0.5  # dB by which a candidate must beat the default recipe on the held-out runs to replace it
+KMAX = 1  # the planner's largest order: 1 = the JVP (or the exponential edge) from the previous compute step
+
+# What the command line runs when an option is left out (where the library has the same parameter, it
+# defaults to the same value).
+MODEL = "demo"  # the embedded demo model: runs anywhere, offline
+DEVICE = "cpu"
+PLAN_OUT = "-"  # plan writes the schedule to stdout (a pipeline into generate --schedule -)
+SEED = 0  # generate --seed
+BATCH_SIZE = 1  # generate --prompts: prompts per pipeline call
+REPEAT = 3  # generate --compare: timed runs of each variant (the median is reported)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""Errors a user can fix: the CLI prints their message on one line, without a traceback."""
+"""Errors a user can fix: the CLI prints their message on one line, without a traceback; and how it words
+any other exception, and a library message's parameters, on that line."""
 
 import os
+import re
 import sys
 
 
@@ -68,3 +70,30 @@ def raise_on_signals() -> None:
 
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+PACKAGES = {"PIL": "pillow", "yaml": "pyyaml"}
+
+
+def describe(error: Exception) -> str:
+    """One line for an exception from a library: the common ones say what to do; anything else is a bug."""
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        module = error.name.split(".")[0]
+        package = PACKAGES.get(module, module.replace("_", "-"))
+        return f"this needs the Python package '{package}', which is not installed: pip install {package}"
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return ("out of memory: lower --height, --width, --frames or --batch-size, or use --offload on a GPU")
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}; check the path, its permissions and the free space"
+    message = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {message} (unexpected: run with --debug for the traceback, and report it)"
+
+
+LIBRARY_PARAMETERS = ("budget", "gamma", "cost", "kmax", "max_skip", "lambdas", "holdout", "max_runs", "runs", "steps")
+
+
+def as_flags(message: str) -> str:
+    """A library error names its parameters (`budget=12`); on the command line they are flags (`--budget 12`)."""
+    pattern = rf"\b({'|'.join(LIBRARY_PARAMETERS)})=('?)([^\s']*)\2"
+    return re.sub(pattern, lambda m: f"--{m[1].replace('_', '-')} {m[3]}", message)

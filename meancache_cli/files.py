@@ -27,7 +27,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from .core.stability import COST_KINDS, EDGE_KINDS, EdgeMaps, defined_mask
+from . import defaults
+from .core.stability import COST_KINDS, EDGE_KINDS, EdgeErrors, defined_mask
 from .errors import FileFormatError, interrupts_raise
 
 # Version 3: schedules name each edge's estimate (`kinds`) and may carry their validation; calibrations add
@@ -243,14 +244,14 @@ class Edge(NamedTuple):
 class Schedule:
     """Which steps run the model and how each edge is estimated: the output of `plan`, input of `generate`.
 
-    `estimator: meancache`: `kinds[i]` is the edge's estimate (`reuse` v_t, the damped `jvp`, or the
-    exponential integrator `exp`), `orders[i]` its K (0 for reuse; K ≥ 1 = the K-th previous compute step
-    it reads) and `lambdas[i]` the JVP's damping λ (0 for reuse, 1 for exp). `estimator: release`: `orders[i]`
-    is the authors' sliding window (1 = reuse, 0 on edges without a skipped step), `lambdas` are all 0 and
-    `kinds` all reuse. `validation`, when the plan was validated, holds every candidate recipe's measured
-    score on held-out calibration runs and which one was chosen. `sigmas` (optional, written by `plan`): the
-    N + 1 sigmas it was planned on, so it can be applied by σ at another step count or resolution; without
-    them its steps are taken on the run's own grid.
+    `estimator: meancache`: `kinds[i]` is the edge's estimate (`reuse` v_t, the damped `jvp`, or the exponential
+    integrator `exp`), `orders[i]` its K (0 for reuse; K ≥ 1 = the K-th previous compute step it reads) and
+    `lambdas[i]` the JVP's damping λ (0 for reuse, 1 for exp; required wherever an order is set). `estimator:
+    release`: `orders[i]` is the authors' sliding window (1 = reuse, 0 on edges without a skipped step),
+    `lambdas` are all 0 and `kinds` all reuse. `validation`, when the plan was validated, holds every candidate
+    recipe's measured score on held-out calibration runs and which one was chosen. `sigmas` (optional, written
+    by `plan`): the N + 1 sigmas it was planned on, so it can be applied by σ at another step count or
+    resolution; without them its steps are taken on the run's own grid.
     """
 
     model: str
@@ -259,8 +260,8 @@ class Schedule:
     orders: list[int]
     lambdas: list[float] = field(default_factory=list)
     estimator: str = "meancache"
-    gamma: float = 0.5
-    cost: str = "velocity"
+    gamma: float = defaults.RECIPE.gamma
+    cost: str = defaults.RECIPE.cost
     predicted_cost: float = 0.0
     edge_costs: list[float] = field(default_factory=list)
     max_skip: int | None = None
@@ -274,10 +275,9 @@ class Schedule:
     sigmas: list[float] | None = None
 
     def __post_init__(self) -> None:
-        if not self.lambdas and self.estimator == "meancache":
-            # No dampings given: the full JVP correction wherever an order is set.
-            object.__setattr__(self, "lambdas", [1.0 if k else 0.0 for k in self.orders])
-        elif not self.lambdas:
+        if not self.lambdas and (self.estimator == "release" or not any(self.orders)):
+            # Nothing to choose: a release schedule and a reuse edge (K = 0) have no damping. Where an order is
+            # set the damping must be given: `validate` names the missing field.
             object.__setattr__(self, "lambdas", [0.0] * len(self.orders))
         if not self.kinds:
             # A version-2 schedule: every edge with an order and a damping is the JVP, the rest reuse.
@@ -306,6 +306,9 @@ class Schedule:
             raise FileFormatError(
                 f"{source}: 'compute_steps' must be strictly ascending step indices below num_inference_steps={n}"
             )
+        if not self.lambdas and any(orders):
+            raise FileFormatError(f"{source}: 'lambdas' is missing: give each edge's damping λ (0 where K = 0, 1 for "
+                                  "the full JVP correction), one per step")
         for name, values in (("orders", orders), ("lambdas", self.lambdas), ("kinds", self.kinds),
                              ("edge_costs", self.edge_costs)):
             if (values or name != "edge_costs") and len(values) != len(steps):
@@ -469,7 +472,7 @@ class Calibration:
     model: str
     pipeline_class: str
     sigmas: np.ndarray
-    errors: EdgeMaps
+    errors: EdgeErrors
     step_statistics: dict[str, np.ndarray]
     prompts: list[str]
     seeds: list[int]
@@ -589,7 +592,7 @@ def parse_calibration(raw: bytes, source: str) -> Calibration:
     return Calibration(
         model=_require(meta, "model", str, source),
         pipeline_class=_require(meta, "pipeline_class", str, source),
-        sigmas=sigmas, errors=EdgeMaps(reuse, jvp, tuple(float(v) for v in lambdas), exp),
+        sigmas=sigmas, errors=EdgeErrors(reuse, jvp, tuple(float(v) for v in lambdas), exp),
         step_statistics={name: arrays[name] for name in STEP_STATISTICS},
         prompts=_require(meta, "prompts", list, source), seeds=_require(meta, "seeds", list, source),
         height=_require(meta, "height", (int, type(None)), source),

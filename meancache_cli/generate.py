@@ -1,4 +1,5 @@
-"""Generation: one pipeline call, cached by a schedule or not, timed and with its real NFE counted."""
+"""Generation: one pipeline call, cached by a schedule or not, timed and with its real NFE counted; its output
+written with its provenance."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +16,8 @@ from .calibration import StepCallback, step_callback
 from .errors import ScheduleMismatchError
 from .files import Schedule
 from .hooks import apply_evaluation_counter, apply_meancache, remove_meancache
+from .models.registry import ModelSpec
+from .outputs import save_image, save_video
 
 # What a schedule lost at another resolution, mapped by σ (docs/experiments/transfer.log, README).
 RESOLUTION_TRANSFER = ("on the demo model (32 vs 64 px) that lost 1.0 dB on average and up to 4.7 dB against a "
@@ -99,6 +103,22 @@ def generate(
     images = result.frames if hasattr(result, "frames") else result.images
     return Generation(images=list(images), nfe=counter.evaluations - before, seconds=seconds,
                       steps=call_kwargs["num_inference_steps"])
+
+
+def provenance(schedule: Schedule | None, **facts: Any) -> dict[str, Any]:
+    """How an output was made, as its PNG text chunk or video comment (and a batch's manifest line) records it:
+    `facts` (model, prompt, seed, steps, NFE; a batch adds index, file, seconds and batch size) and the sha256 of
+    the schedule, None when uncached."""
+    return {**facts, "schedule_sha256": schedule.sha256() if schedule is not None else None}
+
+
+def save_output(item: Any, path: str | Path, spec: ModelSpec, fps: int | None, provenance: dict[str, Any]) -> None:
+    """A generated image, or the frames of a video when the model makes videos (at `fps`, else the model's own
+    rate), written with its provenance."""
+    if spec.fps is not None:
+        save_video(item, path, fps or spec.fps, provenance)
+    else:
+        save_image(item, path, provenance)
 
 
 def compare_with_uncached(pipe: Any, prompt: str, seed: int, call_kwargs: dict[str, Any], schedule: Schedule,

@@ -22,7 +22,7 @@ import torch
 from . import defaults
 from .core.planner import plan_path
 from .core.regrid import fit_grid, map_steps, regrid_maps, scale_windows
-from .core.stability import COST_KINDS, EdgeMaps, edge_costs
+from .core.stability import COST_KINDS, EdgeErrors, edge_costs
 from .errors import ScheduleMismatchError, UsageError
 from .files import Calibration, Schedule, sha256_of
 
@@ -36,7 +36,7 @@ def plan_schedule(
     gamma: float = defaults.RECIPE.gamma,
     cost: str = defaults.RECIPE.cost,
     max_skip: int | None = None,
-    kmax: int = 1,
+    kmax: int = defaults.KMAX,
     calibration_path: str | Path | None = None,
     lambdas: tuple[float, ...] | None = None,
     exponential: bool = defaults.RECIPE.exponential,
@@ -95,7 +95,7 @@ def _stored(sigmas: np.ndarray) -> list[float]:
     return [float(f"{value:.7g}") for value in sigmas]
 
 
-def maps_on_steps(sigmas: np.ndarray, errors: EdgeMaps, steps: int, method: str) -> tuple[np.ndarray, EdgeMaps]:
+def maps_on_steps(sigmas: np.ndarray, errors: EdgeErrors, steps: int, method: str) -> tuple[np.ndarray, EdgeErrors]:
     """The sigmas the scheduler makes for `steps` at the calibration's resolution, and the maps read there."""
     try:
         grid = fit_grid(sigmas)

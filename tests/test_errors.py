@@ -165,13 +165,13 @@ def test_reading_stdin_when_it_is_closed(tmp_path, reader: str) -> None:
 
 
 def test_library_errors_are_one_line_that_says_what_to_do() -> None:
-    from meancache_cli import cli
+    from meancache_cli.errors import describe
 
-    assert cli.describe(ModuleNotFoundError("x", name="imageio_ffmpeg.binaries")) == (
+    assert describe(ModuleNotFoundError("x", name="imageio_ffmpeg.binaries")) == (
         "this needs the Python package 'imageio-ffmpeg', which is not installed: pip install imageio-ffmpeg")
-    assert cli.describe(OSError(28, "No space left on device", "/data/cal.safetensors")) == (
+    assert describe(OSError(28, "No space left on device", "/data/cal.safetensors")) == (
         "No space left on device: /data/cal.safetensors; check the path, its permissions and the free space")
-    assert cli.describe(MemoryError()).startswith("out of memory: lower --height")
+    assert describe(MemoryError()).startswith("out of memory: lower --height")
 
 
 def test_debug_shows_the_traceback(files, capsys) -> None:

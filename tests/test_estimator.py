@@ -13,7 +13,7 @@ from meancache_cli.core.estimator import (
     release_velocity,
 )
 from meancache_cli.core.stability import (
-    EdgeMaps,
+    EdgeErrors,
     StabilityMaps,
     edge_costs,
     element_subset,
@@ -218,7 +218,7 @@ def test_edge_costs_displacement_scales_by_interval_and_zeroes_euler_steps() -> 
     reuse = np.array([[np.nan, 2.0, 3.0], [np.nan, np.nan, 4.0], [np.nan] * 3])
     jvp = np.full((1, 1, 3, 3), np.nan)
     jvp[0, 0, 1, 2] = 5.0
-    errors = EdgeMaps(reuse, jvp, (1.0,))
+    errors = EdgeErrors(reuse, jvp, (1.0,))
     disp = edge_costs(errors, sigmas, "displacement")
     assert disp.reuse[0, 2] == pytest.approx(3.0) and disp.jvp[0, 0, 1, 2] == pytest.approx(3.0)
     assert disp.reuse[0, 1] == 0 and disp.reuse[1, 2] == 0

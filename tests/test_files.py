@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import yaml
 
-from meancache_cli.core.stability import EdgeMaps, defined_mask
+from meancache_cli.core.stability import EdgeErrors, defined_mask
 from meancache_cli.errors import FileFormatError
 from meancache_cli.files import (
     Calibration,
@@ -27,7 +27,7 @@ def make_calibration(n: int = 6, max_back: int = 2) -> Calibration:
                        rng.random((1, 4, 8)).astype(np.float32))]
     return Calibration(
         model="demo", pipeline_class="FluxPipeline", sigmas=np.linspace(1, 0, n + 1),
-        errors=EdgeMaps(reuse, jvp, (0.5, 1.0), exp), call_kwargs={"num_inference_steps": n, "height": 32},
+        errors=EdgeErrors(reuse, jvp, (0.5, 1.0), exp), call_kwargs={"num_inference_steps": n, "height": 32},
         held_out=held, stability={"budget": 2, "map_runs": 2, "shared_steps": 1, "regret": 0.25},
         step_statistics={name: rng.random(n) for name in ("velocity_norm", "velocity_change",
                                                            "mean_velocity_change")},
@@ -71,10 +71,18 @@ def test_calibration_round_trips(tmp_path) -> None:
     assert loaded.num_inference_steps == 6 and loaded.max_back == 2
 
 
-def test_a_schedule_without_dampings_takes_the_full_correction_where_k_is_set() -> None:
+def test_a_schedule_without_dampings_is_refused_where_k_is_set(tmp_path) -> None:
+    """No damping is guessed for an edge with an order: the missing field is named, in code and in a file."""
     schedule = Schedule(model="demo", num_inference_steps=8, compute_steps=[0, 2, 5], orders=[0, 1, 2])
-    assert schedule.lambdas == [0.0, 1.0, 1.0]
-    assert schedule.edges == [(0, 2, 0, 0.0, "reuse"), (2, 5, 1, 1.0, "jvp"), (5, 8, 2, 1.0, "jvp")]
+    with pytest.raises(FileFormatError, match="s: 'lambdas' is missing: give each edge's damping λ"):
+        schedule.validate("s")
+    path = tmp_path / "s.yaml"
+    path.write_text(edited(lambdas=[], kinds=[]))
+    with pytest.raises(FileFormatError, match="s.yaml: 'lambdas' is missing"):
+        load_schedule(path)
+    reuse = Schedule(model="demo", num_inference_steps=8, compute_steps=[0, 2, 5], orders=[0, 0, 0])
+    assert reuse.lambdas == [0.0, 0.0, 0.0]  # reuse edges have no damping: nothing to guess
+    assert reuse.edges == [(0, 2, 0, 0.0, "reuse"), (2, 5, 0, 0.0, "reuse"), (5, 8, 0, 0.0, "reuse")]
 
 
 def edited(**changes) -> str:

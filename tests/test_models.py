@@ -92,7 +92,8 @@ def test_cli_calibrate_plan_generate(tiny, capsys, tmp_path) -> None:
 def test_exactly_budget_forwards_and_full_budget_is_bit_identical(tiny) -> None:
     model, _, pipe, _ = tiny
     counter = ForwardCounter(model.embedder(pipe.transformer))
-    cached = run(pipe, model, Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 1, 2], orders=[0, 0, 2]))
+    cached = run(pipe, model, Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 1, 2], orders=[0, 0, 2],
+                                       lambdas=[0.0, 0.0, 1.0]))
     assert counter.calls == cached.nfe == 3 * model.branches
     reference = run(pipe, model)
     assert counter.calls == 3 * model.branches + N * model.branches
@@ -116,6 +117,7 @@ def bf16_schedule(steps: int) -> Schedule:
     """Skips step 1 and uses K = 1 and 2 on computed runs: 8 evaluations per branch."""
     third = steps // 3
     return Schedule(model="tiny", num_inference_steps=steps, orders=[0, 0, 1, 2, 0, 1, 0, 0],
+                    lambdas=[0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0],
                     compute_steps=[0, 2, 3, 4, third, third + 1, 2 * third, steps - 1])
 
 
@@ -355,7 +357,8 @@ def test_frames_on_an_image_model_is_a_usage_error(capsys, tmp_path) -> None:
 def test_cached_run_through_the_public_api_removes_cleanly(tiny) -> None:
     """apply_meancache/remove_meancache on each family: the plain forward is restored."""
     model, _, pipe, _ = tiny
-    apply_meancache(pipe, Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 1], orders=[0, 1]))
+    apply_meancache(pipe, Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 1], orders=[0, 1],
+                                   lambdas=[0.0, 1.0]))
     remove_meancache(pipe)
     counter = ForwardCounter(model.embedder(pipe.transformer))
     pipe(PROMPT, num_inference_steps=2, output_type="latent", **model.call)

@@ -15,7 +15,7 @@ from test_planner import random_costs
 from tiny import TINY_CALL, tiny_flux_pipeline
 
 from meancache_cli.core.regrid import ShiftedGrid, fit_grid, grid_positions, map_steps, regrid_maps, resample_map
-from meancache_cli.core.stability import EdgeMaps, defined_mask
+from meancache_cli.core.stability import EdgeErrors, defined_mask
 from meancache_cli.errors import FileFormatError, ScheduleMismatchError, UsageError
 from meancache_cli.files import Calibration, Schedule, parse_schedule
 from meancache_cli.planning import plan_schedule, schedule_on_sigmas
@@ -118,10 +118,10 @@ def test_more_compute_steps_than_steps_do_not_map() -> None:
         map_steps(list(range(10)), grid.sigmas(50), grid.sigmas(8))
 
 
-def _maps(n: int, max_back: int, seed: int) -> EdgeMaps:
+def _maps(n: int, max_back: int, seed: int) -> EdgeErrors:
     rng = np.random.default_rng(seed)
     reuse_defined, jvp_defined = defined_mask(n, max_back, 2)
-    return EdgeMaps(np.where(reuse_defined, rng.random((n + 1, n + 1)), np.nan),
+    return EdgeErrors(np.where(reuse_defined, rng.random((n + 1, n + 1)), np.nan),
                     np.where(jvp_defined, rng.random((2, max_back, n + 1, n + 1)), np.nan), (0.5, 1.0))
 
 
@@ -158,14 +158,14 @@ def test_linear_reading_is_exact_for_a_map_multilinear_in_p_t_s() -> None:
     assert checked > 500
 
 
-def _cost_by_nearest_sigma(maps: EdgeMaps, sigmas: np.ndarray, new: np.ndarray, p: int | None, t: int, s: int,
+def _cost_by_nearest_sigma(maps: EdgeErrors, sigmas: np.ndarray, new: np.ndarray, p: int | None, t: int, s: int,
                            damping: float) -> float:
     """An edge of the new grid costed the plain way: the old steps nearest in σ, read from the maps."""
     old = [int(np.argmin(np.abs(sigmas - new[i]))) if i is not None else None for i in (p, t, s)]
     return maps.value(old[0], old[1], old[2], damping)
 
 
-def _brute_force(maps: EdgeMaps, sigmas: np.ndarray, new: np.ndarray, budget: int, gamma: float) -> float:
+def _brute_force(maps: EdgeErrors, sigmas: np.ndarray, new: np.ndarray, budget: int, gamma: float) -> float:
     """The least Σ c^(1+γ) over every path of `budget` edges on the new grid and every option per edge."""
     n_new = len(new) - 1
     best = np.inf
@@ -183,7 +183,7 @@ def _brute_force(maps: EdgeMaps, sigmas: np.ndarray, new: np.ndarray, budget: in
     return best
 
 
-def _calibration(maps: EdgeMaps, sigmas: np.ndarray) -> Calibration:
+def _calibration(maps: EdgeErrors, sigmas: np.ndarray) -> Calibration:
     return Calibration(model="tiny", pipeline_class="FluxPipeline", sigmas=sigmas, errors=maps, step_statistics={},
                        prompts=[], seeds=[])
 
@@ -238,7 +238,8 @@ def test_a_schedule_moves_by_sigma_and_keeps_its_edges() -> None:
     shifted = schedule_on_sigmas(planned, ShiftedGrid(6.0).sigmas(50))
     assert shifted.compute_steps != planned.compute_steps and shifted.budget == 6
     # Without recorded sigmas the schedule is taken as planned on this run's grid at its own step count.
-    bare = Schedule(model="m", num_inference_steps=50, compute_steps=planned.compute_steps, orders=planned.orders)
+    bare = Schedule(model="m", num_inference_steps=50, compute_steps=planned.compute_steps, orders=planned.orders,
+                    lambdas=planned.lambdas)
     assert schedule_on_sigmas(bare, ShiftedGrid(6.0).sigmas(50)) is bare
     assert schedule_on_sigmas(bare, grid.sigmas(30)).compute_steps == moved.compute_steps
     with pytest.raises(ScheduleMismatchError, match="the schedule makes 6 evaluations per branch but this run has "
@@ -258,10 +259,10 @@ def test_release_windows_scale_with_the_step_count() -> None:
 
 
 def test_a_schedule_file_keeps_its_sigmas_and_refuses_bad_ones() -> None:
-    schedule = Schedule(model="m", num_inference_steps=3, compute_steps=[0, 2], orders=[0, 1],
+    schedule = Schedule(model="m", num_inference_steps=3, compute_steps=[0, 2], orders=[0, 1], lambdas=[0.0, 1.0],
                         sigmas=[1.0, 0.75, 0.4, 0.0])
     assert parse_schedule(schedule.to_yaml(), "s") == schedule
-    bare = Schedule(model="m", num_inference_steps=3, compute_steps=[0, 2], orders=[0, 1])
+    bare = Schedule(model="m", num_inference_steps=3, compute_steps=[0, 2], orders=[0, 1], lambdas=[0.0, 1.0])
     assert "sigmas" not in bare.to_yaml() and parse_schedule(bare.to_yaml(), "s").sigmas is None
     bad = schedule.to_yaml().replace("sigmas: [1.0, 0.75, 0.4, 0.0]", "sigmas: [1.0, 0.75, 0.8, 0.0]")
     with pytest.raises(FileFormatError, match=r"'sigmas' must be num_inference_steps \+ 1 = 4 finite, strictly"):

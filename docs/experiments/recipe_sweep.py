@@ -85,7 +85,8 @@ for B in (8, 10, 13, 17, 25):
     u1 = uniform_schedule("demo", 50, B)
     from meancache_cli.files import Schedule
 
-    u2 = Schedule(model="demo", num_inference_steps=50, compute_steps=u1.compute_steps, orders=[0] + [1] * (B - 1))
+    u2 = Schedule(model="demo", num_inference_steps=50, compute_steps=u1.compute_steps, orders=[0] + [1] * (B - 1),
+                  lambdas=[0.0] + [1.0] * (B - 1))
     line["uniform+jvp"] = evaluate(f"unijvp{B}", sched=u2)
     best_solver = max(line[k][0] for k in ("euler", "unipc", "dpmpp"))
     print(f"B={B} best solver {best_solver:.1f}", flush=True)

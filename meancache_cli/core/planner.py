@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stability import EdgeMaps
+from .stability import EdgeErrors
 
 
 @dataclass(frozen=True)
-class Path:
+class PlannedPath:
     """A schedule as the planner sees it: where the model runs, with which estimate, order and damping."""
 
     compute_steps: list[int]
@@ -31,6 +31,11 @@ class Path:
     kinds: list[str]
     edge_costs: list[float]
     objective: float
+
+
+# The name before `PlannedPath` (it sat beside `pathlib.Path` in callers): bench/minmax.py still imports it, and
+# another branch rewrites the bench; remove once nothing imports it.
+Path = PlannedPath
 
 
 def generalized_cost(edge_costs: list[float], gamma: float) -> float:
@@ -42,8 +47,8 @@ def generalized_cost(edge_costs: list[float], gamma: float) -> float:
     return peak * float(np.sum((costs / peak) ** (1.0 + gamma))) ** (1.0 / (1.0 + gamma))
 
 
-def plan_path(costs: EdgeMaps, budget: int, gamma: float, max_skip: int | None = None,
-              kmax: int = 1) -> Path:
+def plan_path(costs: EdgeErrors, budget: int, gamma: float, max_skip: int | None = None,
+              kmax: int = 1) -> PlannedPath:
     """Exact dynamic program over `costs` (NaN = no such edge option); `kmax = 0` allows reuse only."""
     n, back_max = costs.num_steps, costs.max_back if kmax >= 1 else 0
     if not 1 <= budget <= n:
@@ -111,11 +116,11 @@ def plan_path(costs: EdgeMaps, budget: int, gamma: float, max_skip: int | None =
         dampings.append(float(damping))
         kinds.append(kind)
         edge_costs.append(abs(costs.value(p, t, s, damping, kind)))
-    return Path(compute_steps=steps[:-1], orders=orders, lambdas=dampings, kinds=kinds, edge_costs=edge_costs,
+    return PlannedPath(compute_steps=steps[:-1], orders=orders, lambdas=dampings, kinds=kinds, edge_costs=edge_costs,
                 objective=generalized_cost(edge_costs, gamma))
 
 
-def path_cost(costs: EdgeMaps, path: Path, gamma: float) -> float:
+def path_cost(costs: EdgeErrors, path: PlannedPath, gamma: float) -> float:
     """The objective of `path`'s edges, each with its own estimate, priced on other maps `costs`."""
     ends = [*path.compute_steps[1:], costs.num_steps]
     values = [abs(costs.value(path.compute_steps[index - 1] if index else None, t, s, damping, kind))
@@ -123,7 +128,7 @@ def path_cost(costs: EdgeMaps, path: Path, gamma: float) -> float:
     return generalized_cost(values, gamma)
 
 
-def plan_stability(costs_a: EdgeMaps, costs_b: EdgeMaps, budget: int, gamma: float) -> tuple[int, float]:
+def plan_stability(costs_a: EdgeErrors, costs_b: EdgeErrors, budget: int, gamma: float) -> tuple[int, float]:
     """Compute steps shared by the plans of two independent map estimates, and their regret: the larger
     relative excess of one half's plan, priced on the other half's maps, over that half's own plan."""
     path_a, path_b = plan_path(costs_a, budget, gamma), plan_path(costs_b, budget, gamma)

@@ -181,7 +181,7 @@ def resample_map(values: np.ndarray, positions: np.ndarray, method: str = "linea
 
 
 def regrid_maps(maps: M, sigmas: np.ndarray, new_sigmas: np.ndarray, method: str = "linear") -> M:
-    """Every map array of a dataclass (`EdgeMaps`: any field that is an ndarray) read on `new_sigmas` by σ."""
+    """Every map array of a dataclass (`EdgeErrors`: any field that is an ndarray) read on `new_sigmas` by σ."""
     positions = grid_positions(new_sigmas, sigmas)
     arrays = {f.name: resample_map(getattr(maps, f.name), positions, method)
               for f in fields(maps) if isinstance(getattr(maps, f.name), np.ndarray)}

@@ -6,10 +6,11 @@ look-back of `max_back` steps, for each damping λ of the JVP estimate and for t
 edge. Plain reuse (K = 0) does not depend on `p`. Maps are running sums over every trajectory added, so a
 trajectory can be dropped once added.
 
-Shapes, N steps: `reuse` is (N+1, N+1) indexed [t, s]; `jvp` is (len(λ), max_back, N+1, N+1) indexed
-[λ, t − p − 1, t, s]; `exp` is (1, max_back, N+1, N+1) indexed [0, t − p − 1, t, s]; NaN where the edge
-is undefined. Work per trajectory ≈ N²·max_back·(len(λ) + 1)·D/2 for D latent elements (a fixed random
-subset of at most `max_elements`), memory (1 + (len(λ) + 1)·max_back)·N² doubles.
+Shapes of the `EdgeErrors` maps, N steps: `reuse` is (N+1, N+1) indexed [t, s]; `jvp` is
+(len(λ), max_back, N+1, N+1) indexed [λ, t − p − 1, t, s]; `exp` is (1, max_back, N+1, N+1) indexed
+[0, t − p − 1, t, s]; NaN where the edge is undefined. Work per trajectory ≈ N²·max_back·(len(λ) + 1)·D/2
+for D latent elements (a fixed random subset of at most `max_elements`), memory
+(1 + (len(λ) + 1)·max_back)·N² doubles.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ SUBSET_SEED = 0
 
 
 @dataclass
-class EdgeMaps:
-    """One number per edge option: reuse `[t, s]`, the JVP estimate `[λ, t − p − 1, t, s]` and the
-    exponential-integrator edge `[0, t − p − 1, t, s]`."""
+class EdgeErrors:
+    """The error of every edge option, one map per edge kind (`EDGE_KINDS`, each field named after the estimate
+    whose error it holds, not the estimate itself): reuse `[t, s]`, the JVP estimate `[λ, t − p − 1, t, s]` and
+    the exponential-integrator edge `[0, t − p − 1, t, s]`. As `E` (velocity error) or, from `edge_costs`, as
+    the planner's edge costs."""
 
     reuse: np.ndarray
     jvp: np.ndarray
@@ -60,12 +63,12 @@ class EdgeMaps:
             return float(self.exp[0, t - p - 1, t, s])
         return float(self.jvp[self.lambdas.index(damping), t - p - 1, t, s])
 
-    def select(self, lambdas: tuple[float, ...], exponential: bool = True) -> EdgeMaps:
+    def select(self, lambdas: tuple[float, ...], exponential: bool = True) -> EdgeErrors:
         """The same maps restricted to some of the calibrated dampings, with or without the exponential edge
         (without: its entries are NaN, so the planner never picks it)."""
         index = [self.lambdas.index(value) for value in lambdas]
         exp = self.exp if exponential else np.full_like(self.exp, np.nan)
-        return EdgeMaps(self.reuse, self.jvp[index], tuple(lambdas), exp)
+        return EdgeErrors(self.reuse, self.jvp[index], tuple(lambdas), exp)
 
 
 def defined_mask(n: int, max_back: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +104,7 @@ def element_subset(total: int, max_elements: int | None) -> torch.Tensor | None:
 
 
 def trajectory_errors(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor, max_back: int,
-                      lambdas: tuple[float, ...]) -> EdgeMaps:
+                      lambdas: tuple[float, ...]) -> EdgeErrors:
     """Error maps of one trajectory: `xs` holds `x_0 … x_N`, `vs` the velocities `v_0 … v_{N−1}`."""
     n = vs.shape[0]
     xs = xs.reshape(n + 1, -1).double()
@@ -125,7 +128,7 @@ def trajectory_errors(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor, 
                                          for s in ends.tolist()], dtype=torch.float64)[:, None]
             exponential = residual - coefficients * (data[t] - data[p])[None]
             exp[0, back - 1, t, t + 1:] = exponential.abs().mean(dim=1).numpy()
-    return EdgeMaps(reuse, jvp, tuple(lambdas), exp)
+    return EdgeErrors(reuse, jvp, tuple(lambdas), exp)
 
 
 def velocity_changes(xs: torch.Tensor, vs: torch.Tensor, sigmas: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +232,7 @@ class StabilityMaps:
         maps.count = int(sums["count"][0])
         return maps
 
-    def errors(self) -> EdgeMaps:
+    def errors(self) -> EdgeErrors:
         """Mean error maps, NaN where undefined."""
         if self.count == 0:
             raise ValueError("no trajectory was added to the stability maps")
@@ -238,7 +241,7 @@ class StabilityMaps:
         reuse = np.where(reuse_defined, self.reuse_sum / self.count, np.nan)
         jvp = np.where(jvp_defined, self.jvp_sum / self.count, np.nan)
         exp = np.where(defined_mask(n, self.max_back, 1)[1], self.exp_sum / self.count, np.nan)
-        return EdgeMaps(reuse, jvp, self.lambdas, exp)
+        return EdgeErrors(reuse, jvp, self.lambdas, exp)
 
     def step_statistics(self) -> dict[str, np.ndarray]:
         """Mean per-step velocity statistics, for reports and plots."""
@@ -252,7 +255,7 @@ class StabilityMaps:
         return stats
 
 
-def edge_costs(errors: EdgeMaps, sigmas: np.ndarray, kind: str) -> EdgeMaps:
+def edge_costs(errors: EdgeErrors, sigmas: np.ndarray, kind: str) -> EdgeErrors:
     """Edge weights for the planner: `E` itself (velocity) or `|σ_s − σ_t|·E` (displacement).
 
     The one-step edge `t→t+1` reusing `v_t` is an exact Euler step and weighs 0.

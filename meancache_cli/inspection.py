@@ -1,4 +1,4 @@
-"""What a calibration or a schedule holds, as text and as a plot (`meancache inspect`)."""
+"""What a calibration or a schedule holds, as text and as a plot on its calibration (`meancache inspect`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from . import defaults
 from .core.stability import edge_costs
-from .errors import FileFormatError
-from .files import Calibration, Schedule
+from .errors import FileFormatError, MeanCacheError, UsageError
+from .files import Calibration, Schedule, load_calibration, resolve_reference
 
 COST_LABELS = {"displacement": "displacement error |σ_s − σ_t|·E", "velocity": "velocity error E"}
 
@@ -47,8 +48,55 @@ def summary_text(data: dict[str, Any]) -> str:
     return "\n".join(f"{key}: {value}" for key, value in data.items())
 
 
+def schedule_text(schedule: Schedule) -> str:
+    """A planned schedule as `plan` prints it: its steps, edges and costs, and its validation when it has one."""
+    steps = schedule.num_inference_steps
+    text = (f"compute steps: {' '.join(map(str, schedule.compute_steps))}\n"
+            f"edges:         {' '.join(map(edge_label, schedule.kinds, schedule.lambdas))}"
+            "   (reuse v_t; jvp λ: the damped JVP; exp: the exponential integrator)\n"
+            f"edge costs:    {' '.join(f'{c:.3g}' for c in schedule.edge_costs)}   ({schedule.cost} error)\n"
+            f"predicted cost: {schedule.predicted_cost:.4g} = (Σ cost^(1+γ))^(1/(1+γ)), γ = {schedule.gamma:g}\n"
+            f"{schedule.budget} of {steps} steps, ideal speed-up {steps / schedule.budget:.1f}x"
+            + (f"\n{schedule.notes}" if schedule.notes else ""))
+    if schedule.validation is not None:
+        text += "\n" + validation_text(schedule.validation)
+    return text
+
+
+def edge_label(kind: str, damping: float) -> str:
+    return f"jvp{damping:g}" if kind == "jvp" else kind
+
+
+def validation_text(validation: dict[str, Any]) -> str:
+    """The candidates' scores, the chosen one marked, and what the validation cost."""
+    lines = [f"validated on {validation['runs']} held-out runs ({validation['metric']}):"]
+    for entry in validation["candidates"]:
+        mark = "*" if entry["recipe"] == validation["chosen"] else " "
+        same = f"  (same plan as {entry['same_plan_as']})" if entry["same_plan_as"] else ""
+        lines.append(f" {mark} {entry['recipe']:<36} {entry['score']:6.2f} dB   min {min(entry['psnr']):6.2f}{same}")
+    lines.append(f"validation cost: {validation['evaluations_per_branch']} model evaluations per branch = "
+                 f"{100 * validation['cost_share']:.0f} % of the calibration's "
+                 f"{validation['calibration_evaluations_per_branch']}")
+    return "\n".join(lines)
+
+
+def calibration_to_plot(item: Calibration | Schedule, path: str | Path, calibration: str | None = None) -> Calibration:
+    """What the plot of the file at `path` is drawn on: a calibration itself; for a schedule, `calibration` when
+    given, else the calibration it names (beside the schedule, else in the working directory)."""
+    if isinstance(item, Calibration):
+        return item
+    named = (item.calibration or {}).get("path")
+    if calibration is None and named is None:
+        raise UsageError("this schedule names no calibration: pass --calibration FILE to plot it")
+    source = calibration or resolve_reference(path, named)
+    if calibration is None and not Path(source).exists():
+        raise MeanCacheError(f"the schedule's calibration {named} is neither beside the schedule nor in the "
+                             "working directory: pass --calibration FILE")
+    return load_calibration(source)
+
+
 def plot(calibration: Calibration, out: str | Path, schedule: Schedule | None = None,
-         cost: str = "displacement") -> None:
+         cost: str = defaults.RECIPE.cost) -> None:
     """Heatmaps over (t, s), log scale: the reuse cost, and the best JVP cost over λ with the previous
     compute step one edge-length back (a uniform grid's history), with the schedule's path on both; and
     the per-step change of the instantaneous vs the average velocity."""
