@@ -14,7 +14,7 @@ from bisect import insort
 
 import numpy as np
 
-from ..core.planner import Path
+from ..core.planner import PlannedPath
 
 
 def _with_edge(costs_desc: tuple[float, ...], cost: float) -> tuple[float, ...]:
@@ -24,7 +24,7 @@ def _with_edge(costs_desc: tuple[float, ...], cost: float) -> tuple[float, ...]:
     return tuple(merged)
 
 
-def minmax_path(costs: np.ndarray, budget: int) -> Path:
+def minmax_path(costs: np.ndarray, budget: int) -> PlannedPath:
     """The leximax-optimal path `0 → N` with exactly `budget` edges over K = 0 edge costs.
 
     `costs` is the `(N+1, N+1)` reuse cost map (edge `t → s` at `[t, s]`, NaN or inf where there is no
@@ -58,5 +58,5 @@ def minmax_path(costs: np.ndarray, budget: int) -> Path:
     steps.reverse()
     starts, ends = steps[:-1], steps[1:]
     edge_costs = [float(weights[t, s]) for t, s in zip(starts, ends)]
-    return Path(compute_steps=starts, orders=[0] * budget, lambdas=[0.0] * budget, kinds=["reuse"] * budget,
-                edge_costs=edge_costs, objective=max(edge_costs))
+    return PlannedPath(compute_steps=starts, orders=[0] * budget, lambdas=[0.0] * budget, kinds=["reuse"] * budget,
+                       edge_costs=edge_costs, objective=max(edge_costs))

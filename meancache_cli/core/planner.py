@@ -33,11 +33,6 @@ class PlannedPath:
     objective: float
 
 
-# The name before `PlannedPath` (it sat beside `pathlib.Path` in callers): bench/minmax.py still imports it, and
-# another branch rewrites the bench; remove once nothing imports it.
-Path = PlannedPath
-
-
 def generalized_cost(edge_costs: list[float], gamma: float) -> float:
     """`(Σ c^(1+γ))^(1/(1+γ))`: the objective in the units of the edge costs (γ = 0: their sum; γ → ∞: their max)."""
     costs = np.asarray(edge_costs, dtype=np.float64)
