@@ -258,7 +258,6 @@ def test_plan_for_fewer_steps_runs_natively_there(calibration, model_dir, capsys
 def test_a_schedule_runs_mapped_by_sigma_at_other_steps_and_sizes(calibration, model_dir, capsys, tmp_path) -> None:
     from meancache_cli.calibration import reference_run_kwargs
     from meancache_cli.generate import generate
-    from meancache_cli.models.registry import load_pipeline, resolve_model
 
     schedule = tmp_path / "s.yaml"
     assert run_cli(["plan", "--calibration", calibration, "--budget", "4", "--out", str(schedule)], capsys).code == 0
