@@ -14,13 +14,14 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from meancache_cli.bench.authors import release_schedule
-from meancache_cli.bench.metrics import PSNR_CAP, latent_psnr, wins_over_best
+from meancache_cli.bench.metrics import wins_over_best
 from meancache_cli.bench.minmax import minmax_path
 from meancache_cli.bench.peers import METHODS, SCHEDULE_METHODS, SOLVERS, parse_mag_ratios
 from meancache_cli.bench.search import bisect_threshold
 from meancache_cli.core.estimator import release_velocity
 from meancache_cli.files import Schedule
 from meancache_cli.hooks import MEANCACHE_HOOK, MeanCacheConfig, ReleaseEstimatorHook
+from meancache_cli.metrics import PSNR_CAP, latent_psnr
 from meancache_cli.models.adapters import ModelAdapter
 from meancache_cli.models.demo import DEMO_DIR
 

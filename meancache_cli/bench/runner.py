@@ -33,10 +33,10 @@ from ..calibration import MapSettings, holdout_count, reference_run_kwargs, run_
 from ..core.stability import StabilityMaps, edge_costs
 from ..files import Calibration, Schedule
 from ..hooks import apply_evaluation_counter, apply_recorder, remove_evaluation_counter, remove_recorder
+from ..metrics import compare, latent_psnr
 from ..models.registry import ModelSpec, load_pipeline, resolve_model
 from ..planning import plan, plan_schedule, uniform_schedule
 from .authors import release_on_schedule, release_schedule
-from .metrics import compare, latent_psnr
 from .minmax import minmax_path
 from .peers import (
     METHODS,
