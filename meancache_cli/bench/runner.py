@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import defaults
-from ..calibration import MapSettings, holdout_count, reference_run_kwargs, run_calibration
+from ..calibration import MapSettings, add_recorded, holdout_count, reference_run_kwargs, run_calibration
 from ..core.stability import StabilityMaps, edge_costs
 from ..files import Calibration, Schedule
 from ..hooks import apply_evaluation_counter, apply_recorder, remove_evaluation_counter, remove_recorder
@@ -417,10 +417,7 @@ class Bench:
                 images.append(run.images[0])
                 latents.append(run.latents)
                 if recorder is not None:
-                    if maps is None:
-                        maps = MapSettings().maps(self.pipe.scheduler.sigmas.double().cpu().numpy())
-                    for trajectory in recorder.trajectories():
-                        maps.add(trajectory.x0, trajectory.velocities)
+                    maps = add_recorded(self.pipe, recorder.trajectories(), MapSettings(), maps)
         finally:
             if recorder is not None:
                 remove_recorder(self.pipe)
