@@ -308,7 +308,7 @@ def bench(
     or, with --real-size, its speed and memory on full-size transformers (needs CUDA)."""
     import shlex
 
-    from .bench.progress import parse_budgets, run_with_progress
+    from .bench.progress import run_with_progress
     from .bench.runner import default_report_path
     from .outputs import check_output_folder
 
@@ -316,14 +316,14 @@ def bench(
         raise UsageError("--reduced, --families and --compile apply only with --real-size")
     check_output_folder(out)
     if real_size:
-        bench_real_size(out, report, parse_budgets(budgets), steps, repeats, device, reduced, families, compile_mode,
-                        quick, model, as_json)
+        bench_real_size(out, report, options.parse_budgets(budgets), steps, repeats, device, reduced, families,
+                        compile_mode, quick, model, as_json)
         return
     out.mkdir(exist_ok=True)
     report = report or default_report_path(out)
     command = "meancache " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = run_with_progress(model, quick, out, report, command=command, console=stderr,
-                                budgets=parse_budgets(budgets), steps=steps, repeats=repeats,
+                                budgets=options.parse_budgets(budgets), steps=steps, repeats=repeats,
                                 device=device or defaults.DEVICE)
     emit({"report": str(report), "out": str(out), "budgets": sorted(results.get("budgets", []))}, as_json,
          f"wrote {report} and {out}/")

@@ -127,7 +127,7 @@ def compare_with_uncached(pipe: Any, prompt: str, seed: int, call_kwargs: dict[s
     """Quality of a cached `output` against the uncached run, and the wall-clock ratio of the two:
     medians of `repeat` alternating runs in this process, after the reference run as a warm-up; and
     the quality of plain B-step Euler at the same number of evaluations."""
-    from .bench.metrics import compare
+    from .metrics import compare
 
     def timed(plan: Schedule | None) -> Generation:
         result = generate(pipe, prompt, seed, call_kwargs, plan, strict=strict)

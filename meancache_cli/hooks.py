@@ -256,18 +256,50 @@ class EvaluationCounterHook(ModelHook):
         return args, kwargs
 
 
-def apply_evaluation_counter(pipe: Any) -> EvaluationCounterHook:
-    """Count real evaluations of `pipe.transformer`; call before applying a cache hook."""
-    registry = HookRegistry.check_if_exists_or_initialize(unwrap_transformer(pipe.transformer))
-    if registry.get_hook(MEANCACHE_HOOK) is not None:
+def apply_evaluation_counter(pipe: Any, beneath_block_caches: bool = False) -> EvaluationCounterHook:
+    """Count real evaluations of `pipe.transformer`; call before applying a cache hook.
+
+    With `beneath_block_caches` the count is taken where diffusers' block-level caches (FirstBlockCache, MagCache,
+    TaylorSeer-lite) cannot fake a forward: they still call a block they skip and return cached tensors from
+    their hook on it, so the counter goes on the first sub-module (with parameters) of the last transformer block,
+    which runs only when the whole model really runs. A transformer without blocks gives those caches nothing to
+    hook: there the counter goes on the transformer as without the option.
+    """
+    module = unwrap_transformer(pipe.transformer)
+    probe = _block_probe(module) if beneath_block_caches else None
+    registry = HookRegistry.check_if_exists_or_initialize(probe if probe is not None else module)
+    if probe is None and registry.get_hook(MEANCACHE_HOOK) is not None:
         raise MeanCacheError("apply the evaluation counter before MeanCache, so skipped steps are not counted")
     existing = registry.get_hook(COUNTER_HOOK)
     if existing is not None:
         return existing
     hook = EvaluationCounterHook()
+    if probe is not None:
+        registry.register_hook(hook, COUNTER_HOOK)
+        return hook
     with _hooks_of(pipe) as registry:
         registry.register_hook(hook, COUNTER_HOOK)
     return hook
+
+
+def remove_evaluation_counter(pipe: Any) -> None:
+    """Remove the evaluation counter, wherever `apply_evaluation_counter` put it."""
+    probe = _block_probe(unwrap_transformer(pipe.transformer))
+    if probe is not None:
+        HookRegistry.check_if_exists_or_initialize(probe).remove_hook(COUNTER_HOOK, recurse=False)
+    _remove_hook(pipe, COUNTER_HOOK)
+
+
+def _block_probe(transformer: torch.nn.Module) -> torch.nn.Module | None:
+    """The first sub-module with parameters of the last transformer block in execution order (Flux: of
+    `single_transformer_blocks[-1]`); None for a transformer without a block list."""
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    lists = [module for name, module in transformer.named_children()
+             if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(module, torch.nn.ModuleList) and len(module)]
+    if not lists:
+        return None
+    return next(module for module in lists[-1][-1].children() if any(True for _ in module.parameters()))
 
 
 @dataclass(frozen=True)

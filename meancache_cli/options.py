@@ -251,6 +251,19 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+def parse_budgets(text: str | None) -> tuple[int, ...] | None:
+    """bench's --budgets: comma-separated integers (None when not given)."""
+    if text is None:
+        return None
+    try:
+        budgets = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--budgets '{text}' is invalid: give comma-separated integers such as 8,10,13") from None
+    if not budgets:
+        raise UsageError("--budgets is empty: give comma-separated integers such as 8,10,13")
+    return budgets
+
+
 def check_map_options(max_back: int, max_elements: int, runs: str | None) -> None:
     """calibrate's --max-back, --max-elements and --runs."""
     if max_back < 1:

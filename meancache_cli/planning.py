@@ -168,8 +168,8 @@ def validation_runs(calibration: Calibration, schedules: int, budget: int) -> in
 def held_out_scores(pipe: Any, calibration: Calibration, schedule: Schedule, runs: int,
                     on_run: Callable[[], None] | None = None) -> list[float]:
     """Latent PSNR of `schedule` run cached on the first `runs` held-out runs, against their uncached outputs."""
-    from .bench.metrics import latent_psnr
     from .generate import generate
+    from .metrics import latent_psnr
 
     kwargs = {**calibration.call_kwargs, "num_inference_steps": calibration.num_inference_steps}
     scores = []

@@ -14,13 +14,14 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from meancache_cli.bench.authors import release_schedule
-from meancache_cli.bench.metrics import PSNR_CAP, latent_psnr, wins_over_best
+from meancache_cli.bench.metrics import wins_over_best
 from meancache_cli.bench.minmax import minmax_path
 from meancache_cli.bench.peers import METHODS, SCHEDULE_METHODS, SOLVERS, parse_mag_ratios
 from meancache_cli.bench.search import bisect_threshold
 from meancache_cli.core.estimator import release_velocity
 from meancache_cli.files import Schedule
 from meancache_cli.hooks import MEANCACHE_HOOK, MeanCacheConfig, ReleaseEstimatorHook
+from meancache_cli.metrics import PSNR_CAP, latent_psnr
 from meancache_cli.models.adapters import ModelAdapter
 from meancache_cli.models.demo import DEMO_DIR
 
@@ -480,24 +481,25 @@ def test_stage_log_prints_one_plain_line_per_stage_with_calls_done() -> None:
 def test_full_evaluation_counter_counts_real_evaluations_only() -> None:
     from tiny import TINY_CALL, tiny_flux_pipeline
 
-    from meancache_cli.bench.peers import FullEvaluationCounter, fbcache_method, meancache_method
+    from meancache_cli.bench.peers import fbcache_method, meancache_method
+    from meancache_cli.hooks import apply_evaluation_counter, remove_evaluation_counter
     from meancache_cli.planning import uniform_schedule
 
     pipe = tiny_flux_pipeline()
-    counter = FullEvaluationCounter(pipe)
+    counter = apply_evaluation_counter(pipe, beneath_block_caches=True)
     block_calls = []
     pipe.transformer.single_transformer_blocks[-1].register_forward_pre_hook(lambda *_: block_calls.append(1))
     for method, expected in ((meancache_method("reuse", uniform_schedule("tiny", 12, 4)), 4),
                              (fbcache_method(4, 12, 0.3), None)):
-        before, block_calls[:] = counter.count, []
+        before, block_calls[:] = counter.evaluations, []
         with method.applied(pipe):
             pipe("a red circle", num_inference_steps=12, generator=torch.Generator().manual_seed(0),
                  output_type="latent", **TINY_CALL)
         if expected is not None:
-            assert counter.count - before == expected
+            assert counter.evaluations - before == expected
         else:  # FirstBlockCache calls the last block at every step, but runs it only when it recomputes
-            assert len(block_calls) == 12 and 1 <= counter.count - before < 12
-    counter.remove()
+            assert len(block_calls) == 12 and 1 <= counter.evaluations - before < 12
+    remove_evaluation_counter(pipe)
 
 
 def test_bench_profile_comes_from_the_model_config() -> None:
@@ -563,18 +565,19 @@ def test_hard_model_is_benched_like_the_demo_without_the_block_caches() -> None:
 
 def test_full_evaluation_counter_counts_a_transformer_without_blocks() -> None:
     """The hard model's transformer has no blocks to probe: the counter sits beneath MeanCache's hook there."""
-    from meancache_cli.bench.peers import FullEvaluationCounter, meancache_method
+    from meancache_cli.bench.peers import meancache_method
+    from meancache_cli.hooks import apply_evaluation_counter, remove_evaluation_counter
     from meancache_cli.models.hard import load_hard_pipeline
     from meancache_cli.planning import uniform_schedule
 
     pipe = load_hard_pipeline()
-    counter = FullEvaluationCounter(pipe)
+    counter = apply_evaluation_counter(pipe, beneath_block_caches=True)
     call = {"num_inference_steps": 12, "height": 32, "width": 32, "max_sequence_length": 16, "output_type": "latent"}
     reuse = meancache_method("reuse", uniform_schedule("hard", 12, 4))
     for method, guidance, expected in ((None, 1.0, 12), (reuse, 1.0, 4), (reuse, 4.0, 8)):
-        before = counter.count
+        before = counter.evaluations
         with method.applied(pipe) if method is not None else contextlib.nullcontext():
             pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0),
                  true_cfg_scale=guidance, negative_prompt="" if guidance > 1 else None, **call)
-        assert counter.count - before == expected
-    counter.remove()
+        assert counter.evaluations - before == expected
+    remove_evaluation_counter(pipe)

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from meancache_cli.bench.metrics import latent_psnr, psnr  # noqa: E402
 from meancache_cli.bench.prompts import SHAPES_EVAL  # noqa: E402
+from meancache_cli.metrics import latent_psnr, psnr  # noqa: E402
 from meancache_cli.models.demo import DEMO_DIR  # noqa: E402
 from meancache_cli.models.hard import HEIGHT, MAX_SEQUENCE_LENGTH, WIDTH, load_hard_pipeline  # noqa: E402
 

@@ -27,12 +27,12 @@ import warnings
 import diffusers
 import torch
 
-from meancache_cli.bench.metrics import latent_psnr
 from meancache_cli.bench.prompts import PROMPT_SETS
 from meancache_cli.calibration import MapSettings, reference_run_kwargs, run_calibration
 from meancache_cli.files import Schedule
 from meancache_cli.generate import generate
 from meancache_cli.hooks import ScheduleMappedWarning
+from meancache_cli.metrics import latent_psnr
 from meancache_cli.models.registry import load_pipeline, resolve_model
 from meancache_cli.planning import plan_schedule, schedule_on_sigmas
 

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from meancache_cli import defaults
-from meancache_cli.bench.metrics import compare, latent_psnr
 from meancache_cli.bench.peers import solver_scheduler
 from meancache_cli.bench.prompts import SHAPES_EVAL
 from meancache_cli.calibration import reference_run_kwargs, run_calibration
 from meancache_cli.hooks import apply_meancache, remove_meancache
+from meancache_cli.metrics import compare, latent_psnr
 from meancache_cli.models.registry import load_pipeline, resolve_model
 from meancache_cli.planning import plan, plan_recipe
 

@@ -3,7 +3,7 @@
 `run_bench(...)` runs everything and writes the report; `bench_units(...)` is the exact number of
 pipeline calls it makes (a progress bar's total); `run_with_progress(...)` wraps both with a progress
 bar on stderr; `meancache bench` is the command line. Imported lazily, so that
-`meancache_cli.bench.metrics` stays light.
+importing the bench package stays light.
 """
 
 from __future__ import annotations

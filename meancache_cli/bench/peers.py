@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..files import Schedule
-from ..hooks import apply_evaluation_counter, apply_meancache, remove_meancache
+from ..hooks import apply_meancache, remove_meancache
 
 
 @dataclass(frozen=True)
@@ -272,51 +272,3 @@ def calibrate_mag_ratios(pipe: Any, pairs: list[tuple[str, int]], call_kwargs: d
     finally:
         pipe.transformer.disable_cache()
     return [float(value) for value in np.mean(np.array(runs), axis=0)]
-
-
-class FullEvaluationCounter:
-    """Counts full model evaluations the same way for every method.
-
-    A forward pre-hook on the first sub-module of the transformer's last block: the block-level caches
-    (FirstBlockCache, MagCache, TaylorSeer-lite) still call the block module when they skip it and
-    return cached tensors from their hook, so a hook on the block itself would count skipped steps;
-    its inner modules run only when the whole model really runs. A transformer without blocks (the
-    embedded hard model computes its velocity in closed form) gives those caches nothing to hook: there
-    the innermost hook on the transformer counts (`hooks.apply_evaluation_counter`), beneath MeanCache's.
-    """
-
-    def __init__(self, pipe: Any) -> None:
-        self.hook: Any = None
-        self.handle: Any = None
-        self.calls = 0
-        try:
-            block = last_block(pipe.transformer)
-        except ValueError:
-            self.pipe = pipe
-            self.hook = apply_evaluation_counter(pipe)
-            self.start = self.hook.evaluations
-            return
-        probe = next(module for module in block.children() if any(True for _ in module.parameters()))
-        self.handle = probe.register_forward_pre_hook(self._count)
-
-    @property
-    def count(self) -> int:
-        return self.hook.evaluations - self.start if self.hook is not None else self.calls
-
-    def _count(self, module: torch.nn.Module, args: tuple) -> None:
-        self.calls += 1
-
-    def remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-
-
-def last_block(transformer: torch.nn.Module) -> torch.nn.Module:
-    """The last transformer block in execution order (Flux: `single_transformer_blocks[-1]`)."""
-    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
-
-    lists = [module for name, module in transformer.named_children()
-             if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(module, torch.nn.ModuleList) and len(module)]
-    if not lists:
-        raise ValueError(f"{type(transformer).__name__} has no transformer block list to count evaluations on")
-    return lists[-1][-1]

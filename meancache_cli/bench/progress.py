@@ -9,20 +9,6 @@ from typing import Any
 from .runner import DEFAULT_OUT, default_report_path
 
 
-def parse_budgets(text: str | None) -> tuple[int, ...] | None:
-    from ..errors import UsageError
-
-    if text is None:
-        return None
-    try:
-        budgets = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"--budgets '{text}' is invalid: give comma-separated integers such as 8,10,13") from None
-    if not budgets:
-        raise UsageError("--budgets is empty: give comma-separated integers such as 8,10,13")
-    return budgets
-
-
 def run_with_progress(model: str = "demo", quick: bool = False, out: Path | str = DEFAULT_OUT,
                       report: Path | str | None = None, command: str | None = None, console: Any = None,
                       **options: Any) -> dict[str, Any]:

@@ -176,6 +176,13 @@ def _bf16_timestep_over_1000(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.expand(x.shape[0]).to(x.dtype) / 1000
 
 
+# -- pipeline-specific inputs: the one place that knows how each pipeline prepares its transformer's arguments -----
+# FLUX and Qwen-Image pack latents with their pipelines' private static helpers (`_pack_latents`,
+# `_prepare_latent_image_ids`): diffusers has no public packing function, and the public `prepare_latents` needs a
+# pipeline instance (its VAE scale factor) and draws its own noise in the model's dtype on the device, which would
+# change the start latents.
+
+
 def flux_inputs(config: RealConfig, device: str, dtype: torch.dtype, generator: torch.Generator) -> LoopInputs:
     from diffusers import FluxPipeline
 
@@ -289,7 +296,9 @@ def denoise(rig: Rig, inputs: LoopInputs, steps: int) -> torch.Tensor:
                 outputs.append(rig.transformer(hidden_states=model_input, timestep=timestep, **kwargs,
                                                return_dict=False)[0])
         x = rig.scheduler.step(inputs.combine(outputs), t, x, return_dict=False)[0]
-    rig.transformer._reset_stateful_cache()  # what DiffusionPipeline.maybe_free_model_hooks does after each call
+    # What DiffusionPipeline.maybe_free_model_hooks does after each call (`transformer._reset_stateful_cache`), through
+    # the hook registry's public method.
+    HookRegistry.check_if_exists_or_initialize(unwrap_transformer(rig.transformer)).reset_stateful_hooks()
     return x
 
 

@@ -72,9 +72,11 @@ def real_size_section(out_dir: Path) -> list[str]:
 # -- markdown --------------------------------------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table, here and in the bench's report."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
 
 
 def size_text(bytes_: int | None) -> str:
@@ -191,13 +193,13 @@ def section(results: dict[str, Any] | None) -> list[str]:
     if full:
         lines += measured(full, results["budgets"])
     else:
-        lines += _table(["model", "config", "size (tokens per branch)", "text positions per branch",
+        lines += markdown_table(["model", "config", "size (tokens per branch)", "text positions per branch",
                          "cache bound B = 10 / 17 / 25"], pending_rows()) + [""]
     lines += BOUND
     if reduced:
         lines += ["Reduced-size smoke run (a few blocks, small latents: it checks the code path, its times say "
                   "nothing about real-size speed):", ""]
-        lines += _table(["model", "size", "device", "NFE uncached / cached", "speed-up"],
+        lines += markdown_table(["model", "size", "device", "NFE uncached / cached", "speed-up"],
                         [[LABELS[r["family"]], shape_text(r), r["environment"]["device_name"] or r["environment"][
                             "device"], f"{r['eager']['uncached']['nfe']} / "
                           + ", ".join(str(b["nfe"]) for b in r["eager"]["budgets"]),
@@ -226,9 +228,10 @@ def measured(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
     lines += [f"Median of {', '.join(map(str, repeats))} timed run(s) per method.", ""]
     header = ["model", "size (tokens)", "text positions", "parameters", "ms / call", "uncached loop",
               *[f"B = {b}" for b in budgets]]
-    lines += _table(header, [[LABELS[r["family"]], shape_text(r), text_shape(r["text"]), count_text(r["parameters"]),
-                              f"{r['eager']['uncached']['ms_per_call']:.1f}",
-                              f"{r['eager']['uncached']['median_s']:.2f} s", *_speedups(r["eager"])] for r in rows])
+    lines += markdown_table(header, [[LABELS[r["family"]], shape_text(r), text_shape(r["text"]),
+                                      count_text(r["parameters"]), f"{r['eager']['uncached']['ms_per_call']:.1f}",
+                                      f"{r['eager']['uncached']['median_s']:.2f} s", *_speedups(r["eager"])]
+                                     for r in rows])
     lines += ["", "Hook cost and memory:", ""]
     memory = []
     for r in rows:
@@ -241,12 +244,12 @@ def measured(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
             " / ".join(size_text(b["cache_bound_bytes"]) for b in r["eager"]["budgets"]),
         ])
     per_budget = " / ".join(map(str, budgets))
-    lines += _table(["model", f"hook / skipped call (B = {budgets[0]})", f"hook / loop (B = {budgets[0]})",
+    lines += markdown_table(["model", f"hook / skipped call (B = {budgets[0]})", f"hook / loop (B = {budgets[0]})",
                      "peak uncached", f"peak cached B = {per_budget}", "cache held", "bound"], memory)
     compiled = [(r, c) for r in rows for c in compiled_results(r)]
     if compiled:
         lines += ["", "MeanCache on the compiled transformer (speed-ups against the compiled uncached loop):", ""]
-        lines += _table(
+        lines += markdown_table(
             ["model", "mode", "ms / call", *[f"B = {b}" for b in budgets], "difference vs eager, cached",
              "uncached", "same output", "graphs: cached / uncached warm-up, then"],
             [[LABELS[r["family"]], c["mode"], f"{c['uncached']['ms_per_call']:.1f}", *_speedups(c),

@@ -21,6 +21,7 @@ from ..files import write_atomic
 from .metrics import LOW_PSNR, PairWins, pair_distribution, wins_over_best
 from .peers import SOLVERS
 from .realsize_report import RESULTS_FILE as REALSIZE_FILE
+from .realsize_report import markdown_table as _table
 from .realsize_report import real_size_section
 
 RESULTS_FILE = "results.json"
@@ -163,11 +164,6 @@ def grid_png(results: dict[str, Any], config: str, grid: dict[str, list[Any]]) -
 
 
 # -- markdown ------------------------------------------------------------------------------------------
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _nfe(value: float) -> str:

@@ -29,19 +29,18 @@ import numpy as np
 import torch
 
 from .. import defaults
-from ..calibration import MapSettings, holdout_count, reference_run_kwargs, run_calibration
+from ..calibration import MapSettings, add_recorded, holdout_count, reference_run_kwargs, run_calibration
 from ..core.stability import StabilityMaps, edge_costs
 from ..files import Calibration, Schedule
-from ..hooks import apply_recorder, remove_recorder
+from ..hooks import apply_evaluation_counter, apply_recorder, remove_evaluation_counter, remove_recorder
+from ..metrics import compare, latent_psnr
 from ..models.registry import ModelSpec, load_pipeline, resolve_model
 from ..planning import plan, plan_schedule, uniform_schedule
 from .authors import release_on_schedule, release_schedule
-from .metrics import compare, latent_psnr
 from .minmax import minmax_path
 from .peers import (
     METHODS,
     SCHEDULE_METHODS,
-    FullEvaluationCounter,
     Method,
     authors_method,
     calibrate_mag_ratios,
@@ -332,7 +331,8 @@ class Bench:
         self.pipe = pipe
         self.advance = advance
         self.stage = stage
-        self.counter = FullEvaluationCounter(pipe)
+        # Counted where diffusers' block caches cannot fake a forward: the same count for every method.
+        self.counter = apply_evaluation_counter(pipe, beneath_block_caches=True)
         self.branches = 1
         self.results: list[dict[str, Any]] = []
         self.grid: dict[str, dict[str, list[Any]]] = {}
@@ -357,7 +357,7 @@ class Bench:
         if method is not None:
             steps = method.steps
         kwargs = {**kwargs, "num_inference_steps": steps or kwargs["num_inference_steps"]}
-        before = self.counter.count
+        before = self.counter.evaluations
         with method.applied(self.pipe) if method is not None else nullcontext():
             start = time.perf_counter()
             result = self.pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed),
@@ -367,7 +367,7 @@ class Bench:
             self.advance()
         images = result.frames if hasattr(result, "frames") else result.images
         latents = final["latents"].detach().float().cpu().clone()
-        return Run(list(images), latents, (self.counter.count - before) / self.branches, seconds)
+        return Run(list(images), latents, (self.counter.evaluations - before) / self.branches, seconds)
 
     def evaluate(self, method: Method, references: References, kwargs: dict[str, Any]
                  ) -> tuple[dict[str, Any], list[Any]]:
@@ -417,10 +417,7 @@ class Bench:
                 images.append(run.images[0])
                 latents.append(run.latents)
                 if recorder is not None:
-                    if maps is None:
-                        maps = MapSettings().maps(self.pipe.scheduler.sigmas.double().cpu().numpy())
-                    for trajectory in recorder.trajectories():
-                        maps.add(trajectory.x0, trajectory.velocities)
+                    maps = add_recorded(self.pipe, recorder.trajectories(), MapSettings(), maps)
         finally:
             if recorder is not None:
                 remove_recorder(self.pipe)
@@ -439,11 +436,11 @@ class Bench:
 
     def count_branches(self, prompt: str, seed: int, kwargs: dict[str, Any]) -> int:
         """Model evaluations per sampler step of the uncached pipeline (true CFG: 2), from one short run."""
-        before = self.counter.count
+        before = self.counter.evaluations
         steps = 2
         self.pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
                   **{**kwargs, "num_inference_steps": steps})
-        return max(1, round((self.counter.count - before) / steps))
+        return max(1, round((self.counter.evaluations - before) / steps))
 
     # -- methods ---------------------------------------------------------------------------------------
 
@@ -827,7 +824,7 @@ def run_bench(
                 warnings.simplefilter("ignore", FutureWarning)
                 results = bench.run()
         finally:
-            bench.counter.remove()
+            remove_evaluation_counter(pipe)
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
     results["distributions"] = distributions(results)
