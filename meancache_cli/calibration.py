@@ -184,7 +184,7 @@ def run_calibration(
     shards: Path | None = None,
     on_resumed: Callable[[int], None] | None = None,
     world: World | None = None,
-    on_saved: Callable[[], None] | None = None,
+    on_saved: Callable[[Path], None] | None = None,
     holdout: int | None = None,
     auto_max_runs: int | None = None,
     on_stability: Callable[[PlanStability], None] | None = None,
@@ -194,7 +194,8 @@ def run_calibration(
 
     With `auto_max_runs`, seeds are added one at a time (every prompt per seed) until the plans of the two
     halves of the map runs agree to `defaults.STABLE_REGRET`, or the map runs reach the cap; `on_stability`
-    sees the figure after each seed. With `shards`, each run is saved there first (then `on_saved` is called)
+    sees the figure after each seed. With `shards`, each run is saved there first (`on_saved` gets the shard's path
+    just before its atomic write, so an interrupt can tell a finished shard from one never written)
     and runs already saved are not run again (`on_resumed` is called with the steps they stand for). Under
     torchrun each rank runs its share of the pairs and the results are added across ranks.
     """
@@ -331,7 +332,8 @@ def calibrate_to_file(
         remove_shards(out)
     world.barrier()
     mine = (auto_max_runs if total is None else len(world.share(range(total - held)))) + (held if world.is_main else 0)
-    done = {"reused": 0, "saved": 0}
+    done = {"reused": 0}
+    written: list[Path] = []  # shards this process started to write; only finished ones exist (atomic writes)
     with progress(mine) if progress is not None else nullcontext() as on_step:
 
         def resumed(steps: int) -> None:
@@ -339,17 +341,15 @@ def calibrate_to_file(
             for _ in range(steps if on_step is not None else 0):
                 on_step()
 
-        def saved() -> None:
-            done["saved"] += 1
-
         try:
             calibration = run_calibration(pipe, model, prompts, seeds, call_kwargs, settings, on_step=on_step,
-                                          shards=shard_directory(out), on_resumed=resumed, on_saved=saved,
+                                          shards=shard_directory(out), on_resumed=resumed, on_saved=written.append,
                                           world=world, holdout=held, auto_max_runs=auto_max_runs,
                                           on_stability=on_stability)
         except KeyboardInterrupt:
             share = "" if world.size == 1 else " of this process's share"
-            raise Interrupted(f"{done['reused'] + done['saved']} of {mine} reference runs{share} are saved in "
+            saved = done["reused"] + sum(shard.exists() for shard in written)
+            raise Interrupted(f"{saved} of {mine} reference runs{share} are saved in "
                               f"{shard_directory(out)}; run the same command with --resume to continue") from None
     reused = int(world.sum_arrays({"reused": np.array([done["reused"]])})["reused"][0])
     if not world.is_main:
@@ -362,7 +362,7 @@ def calibrate_to_file(
 def _run_or_resume(pipe: Any, recorder: RecorderHook, model: str, prompt: str, seed: int,
                    call_kwargs: dict[str, Any], settings: MapSettings, on_step: StepCallback | None,
                    shards: Path | None, on_resumed: Callable[[int], None] | None,
-                   on_saved: Callable[[], None] | None, held_out: bool) -> RunRecord:
+                   on_saved: Callable[[Path], None] | None, held_out: bool) -> RunRecord:
     """A run from its shard when an interrupted calibration saved it, else run (and saved when sharding)."""
     shard = shards / _shard_name(model, call_kwargs, settings, prompt, seed, held_out) if shards else None
     if shard is not None and shard.exists():
@@ -377,9 +377,9 @@ def _run_or_resume(pipe: Any, recorder: RecorderHook, model: str, prompt: str, s
             arrays = {"noise": record.held_out.noise, "final": record.held_out.final}
         else:
             arrays = {"sigmas": np.asarray(record.maps.sigmas), **record.maps.sums()}
-        write_atomic(shard, save(arrays))
         if on_saved is not None:
-            on_saved()
+            on_saved(shard)
+        write_atomic(shard, save(arrays))
     return record
 
 
