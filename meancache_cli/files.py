@@ -496,6 +496,11 @@ class Calibration:
     def max_back(self) -> int:
         return self.errors.max_back
 
+    @property
+    def evaluations_per_branch(self) -> int:
+        """Model evaluations per guidance branch its runs made (every prompt with every seed, held out or not)."""
+        return len(self.prompts) * len(self.seeds) * self.num_inference_steps
+
     def metadata(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION, "kind": CALIBRATION_KIND, "model": self.model,

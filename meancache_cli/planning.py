@@ -160,8 +160,7 @@ def _same_plan(a: Schedule, b: Schedule) -> bool:
 def validation_runs(calibration: Calibration, schedules: int, budget: int) -> int:
     """Held-out runs to validate `schedules` distinct schedules on: all of them, or as many as keep the
     validation's evaluations within `defaults.VALIDATION_SHARE` of the calibration's (at least one)."""
-    calibration_evaluations = len(calibration.prompts) * len(calibration.seeds) * calibration.num_inference_steps
-    affordable = math.floor(defaults.VALIDATION_SHARE * calibration_evaluations / (schedules * budget))
+    affordable = math.floor(defaults.VALIDATION_SHARE * calibration.evaluations_per_branch / (schedules * budget))
     return max(1, min(len(calibration.held_out), affordable))
 
 
@@ -214,7 +213,7 @@ def validate(pipe: Any, calibration: Calibration, budget: int, candidates: Seque
         entries.append({"recipe": recipe.name, **asdict(recipe), "lambdas": list(recipe.lambdas),
                         "psnr": [round(value, 3) for value in scores[same]], "score": round(score, 3),
                         "same_plan_as": candidates[same].name if same != index else None})
-    calibration_evaluations = len(calibration.prompts) * len(calibration.seeds) * calibration.num_inference_steps
+    calibration_evaluations = calibration.evaluations_per_branch
     evaluations = len(distinct) * runs * budget
     validation = {
         "chosen": candidates[best[1]].name, "metric": "mean latent PSNR (dB) on held-out calibration runs",
