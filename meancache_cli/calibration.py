@@ -255,7 +255,8 @@ def run_calibration(
     total = StabilityMaps.from_sums(halves[0].sigmas, halves[0].sums(), settings.lambdas, settings.max_elements)
     if halves[1] is not None:
         total.merge(halves[1])
-        stability = plan_stability_of(halves, map_runs)
+        if stability is None:  # runs="auto" measured it on these very halves before it stopped
+            stability = plan_stability_of(halves, map_runs)
     guidance = {name: call_kwargs[name] for name in ("guidance_scale", "true_cfg_scale", "negative_prompt")
                 if name in call_kwargs}
     return Calibration(
