@@ -492,15 +492,11 @@ def summarize(runs: dict[int | None, list[dict[str, Any]]], steps: int, branches
     return result
 
 
-def cache_bound_bytes(latent_elements: int, input_bytes: int, output_bytes: int, steps: int, budget: int,
-                      kmax: int = 0) -> int:
-    """Upper bound on what MeanCache keeps per guidance branch (docs/benchmarks.md, real-size section): the latents
-    of the longest edge and its look-back, (L + K) in the model's input dtype; K + 2 float32 velocities; the last
-    computed output."""
-    schedule = uniform_schedule("realsize", steps, budget)
-    ends = [*schedule.compute_steps[1:], steps]
-    longest = max(e - s for s, e in zip(schedule.compute_steps, ends))
-    return latent_elements * ((longest + kmax) * input_bytes + (kmax + 2) * 4 + output_bytes)
+def cache_bound_bytes(latent_elements: int, output_bytes: int, kmax: int = 0, exponential: bool = False) -> int:
+    """What MeanCache keeps per guidance branch (`hooks.BranchHistory`): the last computed output in the model's
+    dtype, the edge's average velocity and the K previous compute steps' velocities in float32 and, with
+    exponential edges, those steps' latents in float32. It does not grow with the budget or the edge lengths."""
+    return latent_elements * (output_bytes + 4 * (kmax + 1) + 4 * kmax * exponential)
 
 
 def compile_modes(text: str) -> list[str]:
@@ -584,14 +580,13 @@ def measure_family(config: RealConfig, device: str, dtype: torch.dtype, steps: i
         eager_runs = timing_rounds(rig, inputs, steps, budgets, repeats, device)
         row["eager"] = summarize(eager_runs, steps, branches)
         latent_elements = inputs.latents[:1].numel()
-        input_bytes = torch.empty(0, dtype=inputs.model_dtype).element_size()
+        output_bytes = torch.empty(0, dtype=inputs.model_dtype).element_size()
         for entry in row["eager"]["budgets"]:
             found = diagnostics[entry["budget"]]
             entry.update({key: found[key] for key in ("hook_ms_per_skipped_call", "hook_ms_per_loop",
                                                       "cache_held_bytes")})
             entry["diagnostic_nfe"] = found["nfe"]
-            entry["cache_bound_bytes"] = branches * cache_bound_bytes(
-                latent_elements, input_bytes, input_bytes, steps, entry["budget"])
+            entry["cache_bound_bytes"] = branches * cache_bound_bytes(latent_elements, output_bytes)
         reference = {None: eager_runs[None][0]["latents"], **{b: eager_runs[b][0]["latents"] for b in budgets}}
         row["finite"] = bool(all(torch.isfinite(x).all() for x in reference.values()))
         if modes:

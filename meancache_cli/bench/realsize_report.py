@@ -8,6 +8,7 @@ reduced-size rows (a smoke run of the code path) are listed apart and never pass
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -111,57 +112,25 @@ def _speedups(summary: dict[str, Any]) -> list[str]:
     return [f"{b['speedup']:.2f}× of {b['limit']:.2f}×" for b in summary["budgets"]]
 
 
-HOW = [
-    "Each family's transformer at its published size (configs in `meancache_cli/models/real_configs/`, copied from "
-    "the Hub repositories they name), random weights in bf16 (speed and memory do not depend on their values), at "
-    "the resolution and frame count its registry entry defaults to. It is driven by the loop its pipeline runs: "
-    "packed latents, text embeddings of the shapes the pipeline passes, the pipeline's own timesteps (dynamic shift "
-    "included), one call per guidance branch, `scheduler.step`; so MeanCache's hook sees the real sequence of calls. "
-    "N = 50; MeanCache on evenly spaced compute steps (`uniform_schedule`: the speed depends only on how many steps "
-    "compute). Only the transformer loop is timed: text encoders and VAE run once per generation, cached or not.",
-    "",
-    "- **ms / call**: uncached loop time / (N × branches). **Speed-up**: median uncached loop / median cached loop, "
-    "against the N/B limit. Round-robin over methods, after a synchronized diagnostic pass that also warms up.",
-    "- **hook / skipped call**: wall time of a call MeanCache answers without the model (device-synchronized "
-    "diagnostic pass); **hook / loop**: all the time the hooks add to one cached loop.",
-    "- **Peak**: `torch.cuda.max_memory_allocated` during the loop (weights included). **Cache held**: the largest "
-    "total of distinct tensor storages the hook's state referenced after any call; **bound**: see below.",
-    "- **torch.compile**: the same loops on the compiled transformer, each way users compile it. Beneath the hooks: "
-    "regional (`compile_repeated_blocks(fullgraph=True)`), whole (`transformer.forward = torch.compile(...)`). "
-    "Around them: module (`transformer.compile()`), wrapped (`torch.compile(transformer)`), where MeanCache's "
-    "bookkeeping runs outside the graph. Outputs compared with eager as ‖x − x_eager‖ / ‖x_eager‖ of the final "
-    "latents, cached and uncached; **graphs**: compiled by the first cached generation / the first uncached one "
-    "after it, then by the timed rounds (0: no recompilation).",
-    "",
-]
-
-BOUND = [
-    "**What the cache holds.** Per guidance branch, MeanCache keeps the latents of every step since the current "
-    "edge's first step plus K look-back steps (at most L + K tensors of the transformer's input dtype, L the longest "
-    "edge in steps), K + 2 velocities in float32 (the computed ones a later estimate reads and the edge's average "
-    "velocity) and the last computed output: at most S·((L + K)·b + 4·(K + 2) + b) bytes for S latent elements "
-    "of b bytes. Evenly spaced at N = 50 and K = 0, L = 5, 3, 2 for B = 10, 17, 25, so in bf16 the bound is 20·S, "
-    "16·S and 14·S bytes per branch: megabytes, against gigabytes of weights and activations. (The bound describes "
-    "the hook as of this section's code; the **cache held** column measures what the hook under test really "
-    "keeps.)",
-    "",
-]
+# How the section measures, and what the cache holds: markdown beside this module.
+HOW = [*(resources.files(__package__) / "realsize_how.md").read_text(encoding="utf-8").splitlines(), ""]
+BOUND = [*(resources.files(__package__) / "realsize_bound.md").read_text(encoding="utf-8").splitlines(), ""]
 
 
 def pending_rows() -> list[list[str]]:
     """What the command will measure, and the cache bound that needs no GPU: computed from the configs."""
-    from .realsize import BUDGETS, FAMILIES, STEPS, cache_bound_bytes, load_real_config
+    from .realsize import FAMILIES, cache_bound_bytes, load_real_config
 
     rows = []
     for family in FAMILIES:
         config = load_real_config(family)
         elements, tokens = latent_size(config)
         branches = len(config.text)
-        bounds = [size_text(branches * cache_bound_bytes(elements, 2, 2, STEPS, b)) for b in BUDGETS]
+        bound = size_text(branches * cache_bound_bytes(elements, 2))
         row = {"height": config.height, "width": config.width, "frames": config.frames, "tokens": tokens,
                "branches": branches}
         rows.append([LABELS[family], config.source.split(":")[0], shape_text(row), text_shape(config.text),
-                     " / ".join(bounds)])
+                     bound])
     return rows
 
 
@@ -194,7 +163,7 @@ def section(results: dict[str, Any] | None) -> list[str]:
         lines += measured(full, results["budgets"])
     else:
         lines += markdown_table(["model", "config", "size (tokens per branch)", "text positions per branch",
-                         "cache bound B = 10 / 17 / 25"], pending_rows()) + [""]
+                         "cache bound (bf16)"], pending_rows()) + [""]
     lines += BOUND
     if reduced:
         lines += ["Reduced-size smoke run (a few blocks, small latents: it checks the code path, its times say "
@@ -205,12 +174,6 @@ def section(results: dict[str, Any] | None) -> list[str]:
                           + ", ".join(str(b["nfe"]) for b in r["eager"]["budgets"]),
                           ", ".join(_speedups(r["eager"]))] for r in reduced]) + [""]
     return lines
-
-
-def compiled_results(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """A row's compiled measurements, one per mode (results written before there were several hold one)."""
-    found = row.get("compiled") or []
-    return found if isinstance(found, list) else [found]
 
 
 def graphs_text(compiled: dict[str, Any]) -> str:
@@ -241,12 +204,12 @@ def measured(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
             size_text(r["eager"]["uncached"]["peak_bytes"]),
             " / ".join(size_text(b["peak_bytes"]) for b in r["eager"]["budgets"]),
             " / ".join(size_text(b["cache_held_bytes"]) for b in r["eager"]["budgets"]),
-            " / ".join(size_text(b["cache_bound_bytes"]) for b in r["eager"]["budgets"]),
+            size_text(first["cache_bound_bytes"]),
         ])
     per_budget = " / ".join(map(str, budgets))
     lines += markdown_table(["model", f"hook / skipped call (B = {budgets[0]})", f"hook / loop (B = {budgets[0]})",
                      "peak uncached", f"peak cached B = {per_budget}", "cache held", "bound"], memory)
-    compiled = [(r, c) for r in rows for c in compiled_results(r)]
+    compiled = [(r, c) for r in rows for c in r.get("compiled", [])]
     if compiled:
         lines += ["", "MeanCache on the compiled transformer (speed-ups against the compiled uncached loop):", ""]
         lines += markdown_table(
