@@ -107,17 +107,10 @@ def reference_run(pipe: Any, recorder: RecorderHook, prompt: str, seed: int, cal
     if held_out:
         final = torch.as_tensor(result.frames if hasattr(result, "frames") else result.images).float().cpu().numpy()
         return RunRecord(held_out=HeldOutRun(prompt, seed, trajectories[0].x0.numpy(), final))
-    return RunRecord(maps=add_recorded(pipe, trajectories, settings))
-
-
-def add_recorded(pipe: Any, trajectories: Sequence[Any], settings: MapSettings,
-                 maps: StabilityMaps | None = None) -> StabilityMaps:
-    """Add the recorded trajectories (every guidance branch of a run) to `maps`, new maps on the pipeline's sigmas
-    when None."""
-    maps = maps if maps is not None else settings.maps(pipe.scheduler.sigmas.double().cpu().numpy())
-    for trajectory in trajectories:
+    maps = settings.maps(pipe.scheduler.sigmas.double().cpu().numpy())
+    for trajectory in trajectories:  # every guidance branch of the run
         maps.add(trajectory.x0, trajectory.velocities)
-    return maps
+    return RunRecord(maps=maps)
 
 
 def run_pairs(prompts: Sequence[str], seeds: Sequence[int], extend: bool) -> Iterator[tuple[str, int]]:

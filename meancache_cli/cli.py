@@ -7,16 +7,14 @@ import logging
 import os
 import sys
 import warnings
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import defaults, options
+from . import defaults, options, progress
 from .errors import INTERRUPTED_EXIT, Interrupted, MeanCacheError, UsageError, as_flags, describe, raise_on_signals
 
 app = typer.Typer(
@@ -35,14 +33,9 @@ def main_options(debug: options.DebugOption = False, version: options.VersionOpt
         warnings.simplefilter("ignore")
 
 
-@contextmanager
-def progress_bar(description: str, total: int | None, enabled: bool = True):
-    """A rich progress bar on stderr; yields a function that advances it by one."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    # Off when stderr is not a terminal: there a transient bar leaves only a blank line behind.
-    with Progress(*columns, console=stderr, transient=True, disable=not (enabled and stderr.is_terminal)) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
+def progress_bar(description: str, total: int | None, enabled: bool = True) -> Any:
+    """`progress.progress_bar` on stderr."""
+    return progress.progress_bar(stderr, description, total, enabled)
 
 
 def emit(data: dict[str, Any], as_json: bool, text: str, to_stderr: bool = False) -> None:
@@ -308,8 +301,7 @@ def bench(
     or, with --real-size, its speed and memory on full-size transformers (needs CUDA)."""
     import shlex
 
-    from .bench.progress import run_with_progress
-    from .bench.runner import default_report_path
+    from .bench.runner import bench_units, default_report_path, run_bench
     from .outputs import check_output_folder
 
     if not real_size and (reduced or families or compile_mode is not None):
@@ -322,9 +314,11 @@ def bench(
     out.mkdir(exist_ok=True)
     report = report or default_report_path(out)
     command = "meancache " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    results = run_with_progress(model, quick, out, report, command=command, console=stderr,
-                                budgets=options.parse_budgets(budgets), steps=steps, repeats=repeats,
-                                device=device or defaults.DEVICE)
+    settings = {"budgets": options.parse_budgets(budgets), "steps": steps, "repeats": repeats}
+    total = bench_units(model=model, quick=quick, **settings)
+    with progress.stage_progress(stderr, f"benchmarking {model}", total) as (advance, stage):
+        results = run_bench(out, report_path=report, command=command, advance=advance, stage=stage,
+                            device=device or defaults.DEVICE, model=model, quick=quick, **settings)
     emit({"report": str(report), "out": str(out), "budgets": sorted(results.get("budgets", []))}, as_json,
          f"wrote {report} and {out}/")
 

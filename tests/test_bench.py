@@ -17,6 +17,7 @@ from meancache_cli.bench.authors import release_schedule
 from meancache_cli.bench.metrics import wins_over_best
 from meancache_cli.bench.minmax import minmax_path
 from meancache_cli.bench.peers import METHODS, SCHEDULE_METHODS, SOLVERS, parse_mag_ratios
+from meancache_cli.bench.runner import bench_settings
 from meancache_cli.bench.search import bisect_threshold
 from meancache_cli.core.estimator import release_velocity
 from meancache_cli.files import Schedule
@@ -259,7 +260,30 @@ def test_quick_bench_writes_every_output(quick_bench) -> None:
     assert json.loads((out / "results.json").read_text())["budgets"] == [10]
     assert ticks == units
     assert not list(out.glob("*.tmp"))
+    # Every stage announced is one `BenchSettings.stages` plans, in its order (each held to its calls as it ran).
+    settings, _ = bench_settings(quick=True, **quick_bench[6])
+    assert stages == [f"{c.key}: {stage.name}" for c in settings.configs for stage in settings.stages(c)] + [
+        "writing the report"]
     assert stages[0].startswith("plain: references") and any(s.startswith("cfg: B = 10") for s in stages)
+
+
+def test_a_stage_is_held_to_the_calls_its_plan_counts() -> None:
+    from tiny import tiny_flux_pipeline
+
+    from meancache_cli.bench.runner import Bench, Stage
+
+    settings, spec = bench_settings("demo", quick=True)
+    ticks, phases = [], {}
+    bench = Bench(settings, spec, tiny_flux_pipeline(), lambda: ticks.append(1), lambda name: None)
+    with bench.running("plain", Stage("validating", 3, at_most=True), phases):
+        bench.advance()
+    assert len(ticks) == 3 and "plain: validating" in phases  # the unused bound is advanced
+    for made, stage in ((2, Stage("timing", 1)), (0, Stage("timing", 1)), (4, Stage("validating", 3, at_most=True))):
+        with pytest.raises(RuntimeError, match=f"'plain: {stage.name}' made {made} pipeline calls where "
+                                               f"BenchSettings.stages plans {stage.calls}"):
+            with bench.running("plain", stage, phases):
+                for _ in range(made):
+                    bench.advance()
 
 
 def test_quick_bench_runs_both_configurations_with_their_own_guidance(quick_bench) -> None:
@@ -464,7 +488,7 @@ def test_stage_log_prints_one_plain_line_per_stage_with_calls_done() -> None:
 
     from rich.console import Console
 
-    from meancache_cli.bench.progress import StageLog
+    from meancache_cli.progress import StageLog
 
     buffer = io.StringIO()
     log = StageLog(Console(file=buffer, width=40), total=10)

@@ -12,15 +12,14 @@ exact total of a progress bar; each stage is announced through `stage`.
 
 from __future__ import annotations
 
-import inspect
 import os
 import platform
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,10 @@ import numpy as np
 import torch
 
 from .. import defaults
-from ..calibration import MapSettings, add_recorded, holdout_count, reference_run_kwargs, run_calibration
-from ..core.stability import StabilityMaps, edge_costs
+from ..calibration import holdout_count, reference_run_kwargs, run_calibration
+from ..core.stability import edge_costs
 from ..files import Calibration, Schedule
-from ..hooks import apply_evaluation_counter, apply_recorder, remove_evaluation_counter, remove_recorder
+from ..hooks import apply_evaluation_counter, remove_evaluation_counter
 from ..metrics import compare, latent_psnr
 from ..models.registry import ModelSpec, load_pipeline, resolve_model
 from ..planning import plan, plan_schedule, uniform_schedule
@@ -68,6 +67,7 @@ TIMING_ATTEMPTS = 3
 FULL_REPEATS = 3
 MAG_RANGE = (1e-4, 8.0)
 MAG_CALIBRATION_PAIRS = 4
+CALIBRATION_SETS = ("A", "B", "evaluation (oracle)")  # what the schedule-transfer ablation plans from
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,16 @@ class BenchProfile:
         return profile
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a configuration as the progress shows it, and the pipeline calls it makes: exactly, or up to
+    that many with `at_most` (a validation learns how many candidate schedules are distinct only by planning)."""
+
+    name: str
+    calls: int
+    at_most: bool = False
+
+
 @dataclass
 class BenchSettings:
     """Everything that decides what the bench runs (and so how many pipeline calls it makes)."""
@@ -162,18 +172,6 @@ class BenchSettings:
     profile: BenchProfile = field(default_factory=BenchProfile)
 
     @property
-    def holdout(self) -> int:
-        """Runs of calibration set A held out of its maps (as `meancache calibrate` holds them out), which the
-        validated plan is scored on."""
-        return holdout_count(None, len(self.prompts.calibration_a.pairs()), len(self.prompts.calibration_a.prompts))
-
-    @property
-    def validation_calls(self) -> int:
-        """Pipeline calls one validated plan may make: each distinct candidate schedule on at most every held-out
-        run. How many schedules are distinct is known only after planning: the bench advances the rest."""
-        return len(self.candidates) * self.holdout
-
-    @property
     def calibrates_b(self) -> bool:
         """Calibration set B serves only the schedule-transfer ablation."""
         return "transfer_prompts" in self.ablation_tables
@@ -191,42 +189,47 @@ class BenchSettings:
         return tuple(key for key in self.methods
                      if key != "release" or release_schedule(self.model, self.steps, budget) is not None)
 
-    def ablation_variants(self) -> int:
-        counts = {"kmax": len(self.kmax_values), "gamma": len(self.gamma_values), "cost": len(self.cost_values),
-                  "lambdas": len(self.lambda_sets), "estimator": 1 + len(self.uniform_jvp_lambdas),
-                  "transfer_prompts": 3}
-        return sum(counts[table] for table in self.ablation_tables)
-
     def search_calls(self, budget: int) -> int:
         """Calls spent choosing the dynamic caches' settings at `budget` (threshold bisections, TaylorSeer's order)."""
         methods = self.methods_at(budget)
         return (sum(self.search_iterations for key in ("fbcache", "magcache") if key in methods)
                 + 2 * ("taylorseer" in methods))
 
-    def resolution_variants(self) -> int:
-        return 3 if self.transfer_resolution else 0
-
-    def config_units(self, config: BenchConfig) -> int:
-        """Pipeline calls of one configuration."""
+    def stages(self, config: BenchConfig) -> list[Stage]:
+        """The stages of one configuration in the order `Bench.run_config` runs them, with the pipeline calls each
+        makes: the plan the progress total is summed from and every stage is held to as it runs."""
         evaluation = len(self.prompts.evaluation.pairs())
         calibration_a = len(self.prompts.calibration_a.pairs())
-        units = 2 * evaluation + calibration_a
-        units += len(self.prompts.calibration_b.pairs()) if self.calibrates_b else 0
-        units += 1 if "taylorseer" in self.methods else 0  # the reference TaylorSeer's order is scored against
-        units += min(calibration_a, MAG_CALIBRATION_PAIRS) if "magcache" in self.methods else 0
+        steps = f"{self.steps} and {self.fine_steps} steps"
+        # The N-step and fine references, and the calibration pair TaylorSeer's order is scored against.
+        stages = [Stage(f"references ({evaluation} pairs, {steps})", 2 * evaluation + ("taylorseer" in self.methods))]
+        runs = [calibration_a]
+        if self.calibrates_b:  # set B and the oracle (the evaluation runs themselves) serve that ablation only
+            runs += [len(self.prompts.calibration_b.pairs()), evaluation]
+        mag = min(calibration_a, MAG_CALIBRATION_PAIRS) if "magcache" in self.methods else 0
+        stages.append(Stage(f"calibration ({' + '.join(map(str, runs))} runs{', MagCache ratios' if mag else ''})",
+                            sum(runs) + mag))
+        # Each distinct candidate schedule on at most every run calibration set A holds out (`planning.validate`).
+        held = holdout_count(None, calibration_a, len(self.prompts.calibration_a.prompts))
         for budget in self.all_budgets:
             methods = len(self.methods_at(budget))
-            units += (self.validation_calls + self.search_calls(budget) + methods * evaluation
-                      + self.repeats * (1 + methods))
-        units += self.ablation_variants() * evaluation
+            stages += [
+                Stage(f"B = {budget}: validating the plan (up to {len(self.candidates)} candidate schedules on {held} "
+                      f"held-out run{'s' if held != 1 else ''})", len(self.candidates) * held, at_most=True),
+                Stage(f"B = {budget}: search and evaluation", self.search_calls(budget) + methods * evaluation),
+                Stage(f"B = {budget}: timing ({self.repeats} runs per method)", self.repeats * (1 + methods)),
+            ]
+        variants = sum(map(len, ablation_variants(self).values()))
+        stages.append(Stage(f"ablations at B = {self.ablation_budget}", variants * evaluation))
         if self.transfer_resolution and config == self.configs[0]:
-            units += (len(self.resolution_calibration.pairs()) + len(self.resolution_pairs)
-                      + self.resolution_variants() * len(self.resolution_pairs))
-        return units
+            pairs = len(self.resolution_pairs)
+            # Calibration and references at the target size, then the three rows of `Bench.resolution_transfer`.
+            stages.append(Stage("resolution transfer", len(self.resolution_calibration.pairs()) + pairs + 3 * pairs))
+        return stages
 
     def units(self) -> int:
         """Pipeline calls the bench makes: the total of its progress bar."""
-        return sum(self.config_units(config) for config in self.configs)
+        return sum(stage.calls for config in self.configs for stage in self.stages(config))
 
 
 def bench_settings(
@@ -282,10 +285,8 @@ def bench_settings(
 
 
 def bench_units(**options: Any) -> int:
-    """The progress total of `run_bench(**options)` (same keyword arguments; output options ignored)."""
-    allowed = inspect.signature(bench_settings).parameters
-    settings, _ = bench_settings(**{k: v for k, v in options.items() if k in allowed})
-    return settings.units()
+    """The progress total of `run_bench(**options)`: `options` are `bench_settings`'s."""
+    return bench_settings(**options)[0].units()
 
 
 @dataclass
@@ -321,6 +322,40 @@ def uniform_jvp_schedule(model: str, steps: int, budget: int, damping: float) ->
                    kinds=["jvp" if k and damping else "reuse" for k in orders])
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One row of an ablation table: the default recipe with one setting changed. `schedule` plans it from the
+    configuration's calibrations by set name (A, B, evaluation (oracle)); `extra` records the setting."""
+
+    name: str
+    schedule: Callable[[dict[str, Calibration]], Schedule]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ablation_variants(settings: BenchSettings) -> dict[str, list[Variant]]:
+    """The rows of every ablation table the settings ask for, at the ablation budget."""
+    budget = settings.ablation_budget
+
+    def planned(name: str, calibration: str = "A", **options: Any) -> Variant:
+        return Variant(name, lambda sets: plan_schedule(sets[calibration], budget, **options), dict(options))
+
+    def uniform(damping: float) -> Variant:
+        return Variant(f"uniform steps, K = 1, λ = {damping:g}",
+                       lambda sets: uniform_jvp_schedule(settings.model, settings.steps, budget, damping))
+
+    tables = {
+        "kmax": [planned(f"Kmax = {k}", kmax=k) for k in settings.kmax_values],
+        "gamma": [planned(f"γ = {g:g}", gamma=g) for g in settings.gamma_values],
+        "cost": [planned(f"{cost} cost", cost=cost) for cost in settings.cost_values],
+        "lambdas": [replace(planned("λ ∈ {" + ", ".join(f"{v:g}" for v in values) + "}", lambdas=values),
+                            extra={"lambdas_allowed": list(values)}) for values in settings.lambda_sets],
+        "estimator": [planned("planned schedule (default)"), *map(uniform, settings.uniform_jvp_lambdas)],
+        "transfer_prompts": [replace(planned(f"planned on {name}", name), extra={"calibration": name})
+                             for name in CALIBRATION_SETS],
+    }
+    return {name: tables[name] for name in settings.ablation_tables}
+
+
 class Bench:
     """One benchmark run: owns the pipeline, the evaluation counter and the results gathered so far."""
 
@@ -329,15 +364,37 @@ class Bench:
         self.settings = settings
         self.spec = spec
         self.pipe = pipe
-        self.advance = advance
-        self.stage = stage
+        self.progress = advance
+        self.announce = stage
+        self.made = 0  # pipeline calls made so far, which every stage is held to (`running`)
         # Counted where diffusers' block caches cannot fake a forward: the same count for every method.
         self.counter = apply_evaluation_counter(pipe, beneath_block_caches=True)
         self.branches = 1
         self.results: list[dict[str, Any]] = []
         self.grid: dict[str, dict[str, list[Any]]] = {}
         self.variant_cache: dict[tuple, tuple[dict[str, Any], list[Any]]] = {}
-        self.calibrations: dict[str, Calibration] = {}
+
+    def advance(self) -> None:
+        """One pipeline call done (or, planned but answered from a cache, skipped)."""
+        self.made += 1
+        self.progress()
+
+    @contextmanager
+    def running(self, tag: str, stage: Stage, phases: dict[str, float]) -> Iterator[None]:
+        """Announce and time `stage`, and hold it to its planned calls: a mismatch is a plan out of step with the
+        runner (an error, so a wrong progress total cannot go unseen); an `at_most` stage's unused calls are
+        advanced."""
+        name = f"{tag}: {stage.name}"
+        self.announce(name)
+        made, mark = self.made, time.perf_counter()
+        yield
+        made = self.made - made
+        if made > stage.calls or (made < stage.calls and not stage.at_most):
+            raise RuntimeError(f"bench stage '{name}' made {made} pipeline calls where BenchSettings.stages "
+                               f"plans {stage.calls}")
+        for _ in range(stage.calls - made):
+            self.advance()
+        phases[name] = time.perf_counter() - mark
 
     # -- pipeline calls -------------------------------------------------------------------------------
 
@@ -394,7 +451,8 @@ class Bench:
 
     # -- calibration and references ----------------------------------------------------------------
 
-    def calibrate(self, prompts: PromptSet, kwargs: dict[str, Any]) -> Calibration:
+    def calibrate(self, prompts: PromptSet, kwargs: dict[str, Any], holdout: int | None = None) -> Calibration:
+        """`calibration.run_calibration`, as `meancache calibrate` runs it (its first runs held out by default)."""
         ticks = {"steps": 0}
 
         def on_step() -> None:
@@ -402,37 +460,15 @@ class Bench:
             if ticks["steps"] % kwargs["num_inference_steps"] == 0:
                 self.advance()
 
-        return run_calibration(self.pipe, self.spec.name, prompts.prompts, prompts.seeds, kwargs, on_step=on_step)
+        return run_calibration(self.pipe, self.spec.name, prompts.prompts, prompts.seeds, kwargs, on_step=on_step,
+                               holdout=holdout)
 
-    def references(self, pairs: list[tuple[str, int]], kwargs: dict[str, Any], fine: bool = True,
-                   record: bool = False) -> tuple[References, Calibration | None]:
-        """Uncached N-step outputs and fine (`fine_steps`) latents; with `record`, also the stability maps of the
-        N-step runs (the oracle calibration)."""
-        recorder = apply_recorder(self.pipe) if record else None
-        maps: StabilityMaps | None = None
-        images, latents, fine_latents = [], [], []
-        try:
-            for prompt, seed in pairs:
-                run = self.call(None, prompt, seed, kwargs)
-                images.append(run.images[0])
-                latents.append(run.latents)
-                if recorder is not None:
-                    maps = add_recorded(self.pipe, recorder.trajectories(), MapSettings(), maps)
-        finally:
-            if recorder is not None:
-                remove_recorder(self.pipe)
-        if fine:
-            fine_latents = [self.call(None, prompt, seed, kwargs, output_type="latent",
-                                      steps=self.settings.fine_steps).latents for prompt, seed in pairs]
-        references = References(pairs, images, latents, fine_latents)
-        if maps is None:
-            return references, None
-        oracle = Calibration(
-            model=self.spec.name, pipeline_class=type(self.pipe).__name__, sigmas=np.asarray(maps.sigmas),
-            errors=maps.errors(), step_statistics=maps.step_statistics(),
-            prompts=sorted({p for p, _ in pairs}), seeds=sorted({s for _, s in pairs}),
-            height=kwargs.get("height"), width=kwargs.get("width"), trajectories=maps.count)
-        return references, oracle
+    def references(self, pairs: list[tuple[str, int]], kwargs: dict[str, Any], fine: bool = True) -> References:
+        """Uncached N-step outputs and, with `fine`, the fine (`fine_steps`) latents."""
+        runs = [self.call(None, prompt, seed, kwargs) for prompt, seed in pairs]
+        fine_latents = [self.call(None, prompt, seed, kwargs, output_type="latent", steps=self.settings.fine_steps
+                                  ).latents for prompt, seed in pairs] if fine else []
+        return References(pairs, [run.images[0] for run in runs], [run.latents for run in runs], fine_latents)
 
     def count_branches(self, prompt: str, seed: int, kwargs: dict[str, Any]) -> int:
         """Model evaluations per sampler step of the uncached pipeline (true CFG: 2), from one short run."""
@@ -446,22 +482,9 @@ class Bench:
 
     def validated_plan(self, calibration: Calibration, budget: int) -> Schedule:
         """MeanCache's schedule at `budget`: `planning.plan` with this pipeline, which plans every candidate recipe
-        and keeps the one that does best on the calibration's held-out runs (its record in `validation`).
-
-        Each held-out run of each distinct candidate schedule is one pipeline call; the calls the bound in
-        `BenchSettings.validation_calls` leaves unused (candidates that planned the same schedule, runs the
-        cost cap left out) are advanced at the end, so the progress total stays exact.
-        """
-        calls = []
-
-        def on_run() -> None:
-            calls.append(1)
-            self.advance()
-
-        schedule = plan(calibration, budget, pipe=self.pipe, candidates=self.settings.candidates, on_run=on_run)
-        for _ in range(self.settings.validation_calls - len(calls)):
-            self.advance()
-        return schedule
+        and keeps the one that does best on the calibration's held-out runs (its record in `validation`); each
+        held-out run of each distinct candidate schedule is one pipeline call."""
+        return plan(calibration, budget, pipe=self.pipe, candidates=self.settings.candidates, on_run=self.advance)
 
     def schedules(self, budget: int, calibration: Calibration, validated: Schedule) -> dict[str, Schedule]:
         """The schedule-based methods' plans at `budget` from one calibration (MeanCache's: `validated`)."""
@@ -590,64 +613,56 @@ class Bench:
         }
 
     def run_config(self, config: BenchConfig, phases: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Calibration, references, every budget and the ablations of one configuration."""
+        """Calibration, references, every budget and the ablations of one configuration, stage by stage as
+        `BenchSettings.stages` plans them."""
         settings = self.settings
         prompts = settings.prompts
         kwargs = settings.config_kwargs(config)
         pairs = prompts.evaluation.pairs()
         tag = config.key
+        planned = iter(settings.stages(config))
 
-        def phase(name: str) -> Callable[[], None]:
-            self.stage(f"{tag}: {name}")
-            mark = time.perf_counter()
-            return lambda: phases.__setitem__(f"{tag}: {name}", time.perf_counter() - mark)
+        def stage() -> AbstractContextManager[None]:
+            return self.running(tag, next(planned), phases)
 
-        done = phase(f"references ({len(pairs)} pairs, {settings.steps} and {settings.fine_steps} steps)")
-        self.branches = 1
-        self.branches = self.count_branches(*pairs[0], kwargs)
-        references, oracle = self.references(pairs, kwargs, record=True)
-        calibration_ref = None
-        if "taylorseer" in settings.methods:
-            calibration_ref = self.references(prompts.calibration_a.pairs()[:1], kwargs, fine=False)[0].images[0]
-        done()
-        runs = f"{len(prompts.calibration_a.pairs())}" + (
-            f" + {len(prompts.calibration_b.pairs())}" if settings.calibrates_b else "")
-        done = phase(f"calibration ({runs} runs" + (", MagCache ratios)" if "magcache" in settings.methods else ")"))
-        self.calibrations[f"{tag}/A"] = self.calibrate(prompts.calibration_a, kwargs)
-        if settings.calibrates_b:
-            self.calibrations[f"{tag}/B"] = self.calibrate(prompts.calibration_b, kwargs)
-        self.calibrations[f"{tag}/evaluation (oracle)"] = oracle
-        mag_ratios = []
-        if "magcache" in settings.methods:
-            mag_ratios = calibrate_mag_ratios(self.pipe, prompts.calibration_a.pairs()[:MAG_CALIBRATION_PAIRS],
-                                              kwargs, settings.steps, self.advance)
-        done()
-        calibration = self.calibrations[f"{tag}/A"]
+        with stage():
+            self.branches = 1
+            self.branches = self.count_branches(*pairs[0], kwargs)
+            references = self.references(pairs, kwargs)
+            calibration_ref = None
+            if "taylorseer" in settings.methods:
+                calibration_ref = self.references(prompts.calibration_a.pairs()[:1], kwargs, fine=False).images[0]
+        with stage():
+            calibrations = {"A": self.calibrate(prompts.calibration_a, kwargs)}
+            if settings.calibrates_b:
+                calibrations["B"] = self.calibrate(prompts.calibration_b, kwargs)
+                calibrations["evaluation (oracle)"] = self.calibrate(prompts.evaluation, kwargs, holdout=0)
+            mag_ratios = []
+            if "magcache" in settings.methods:
+                mag_ratios = calibrate_mag_ratios(self.pipe, prompts.calibration_a.pairs()[:MAG_CALIBRATION_PAIRS],
+                                                  kwargs, settings.steps, self.advance)
+        calibration = calibrations["A"]
         grid_rows = [i for i, (_, seed) in enumerate(pairs) if seed == prompts.evaluation.seeds[0]]
         self.grid[tag] = {"reference": [references.images[i] for i in grid_rows]}
         reference_seconds: list[float] = []
         validation: dict[str, dict[str, Any]] = {}
 
         for budget in settings.all_budgets:
-            done = phase(f"B = {budget}: validating the plan (up to {len(settings.candidates)} candidate schedules "
-                         f"on {settings.holdout} held-out run{'s' if settings.holdout != 1 else ''})")
-            validated = self.validated_plan(calibration, budget)
-            validation[str(budget)] = validated.validation
-            done()
-            done = phase(f"B = {budget}: search and evaluation")
-            methods = self.build_methods(budget, calibration, validated, calibration_ref, mag_ratios, kwargs)
-            rows = []
-            for method in methods:
-                summary, images = self.evaluate_method(tag, method, references, kwargs)
-                rows.append({"config": tag, "budget": budget, "method": method.key, "label": method.info.label,
-                             "family": method.info.family, "stress": budget not in settings.budgets,
-                             "settings": method.settings, **summary})
-                if budget == settings.ablation_budget:
-                    self.grid[tag][method.key] = [images[i] for i in grid_rows]
-            done()
-            done = phase(f"B = {budget}: timing ({settings.repeats} runs per method)")
-            uncached, timed, attempts = self.time_methods(methods, kwargs)
-            done()
+            with stage():
+                validated = self.validated_plan(calibration, budget)
+                validation[str(budget)] = validated.validation
+            with stage():
+                methods = self.build_methods(budget, calibration, validated, calibration_ref, mag_ratios, kwargs)
+                rows = []
+                for method in methods:
+                    summary, images = self.evaluate_method(tag, method, references, kwargs)
+                    rows.append({"config": tag, "budget": budget, "method": method.key, "label": method.info.label,
+                                 "family": method.info.family, "stress": budget not in settings.budgets,
+                                 "settings": method.settings, **summary})
+                    if budget == settings.ablation_budget:
+                        self.grid[tag][method.key] = [images[i] for i in grid_rows]
+            with stage():
+                uncached, timed, attempts = self.time_methods(methods, kwargs)
             reference_seconds += uncached
             for row in rows:
                 seconds = statistics.median(timed[row["method"]])
@@ -656,13 +671,13 @@ class Bench:
                            speedup=statistics.median(uncached) / seconds, timing_attempts=attempts)
             self.results += rows
 
-        done = phase(f"ablations at B = {settings.ablation_budget}")
-        ablations = self.ablations(tag, calibration, references, kwargs)
-        done()
+        with stage():
+            ablations = self.ablations(tag, calibrations, references, kwargs)
         if settings.transfer_resolution and config == settings.configs[0]:
-            done = phase("resolution transfer")
-            ablations["resolution"] = self.resolution_transfer(tag, calibration, kwargs)
-            done()
+            with stage():
+                ablations["resolution"] = self.resolution_transfer(tag, calibration, kwargs)
+        if next(planned, None) is not None:
+            raise RuntimeError(f"configuration {tag} ran fewer stages than BenchSettings.stages plans")
         accuracy = references.accuracy()
         summary = {
             "key": tag, "label": config.label,
@@ -707,36 +722,12 @@ class Bench:
                 "lambdas": list(schedule.lambdas), "kinds": list(schedule.kinds),
                 "predicted_cost": schedule.predicted_cost, **extra, **summary}
 
-    def ablations(self, tag: str, calibration: Calibration, references: References, kwargs: dict[str, Any]
-                  ) -> dict[str, Any]:
-        settings = self.settings
-        budget = settings.ablation_budget
-
-        def variant(name: str, schedule: Schedule, **extra: Any) -> dict[str, Any]:
-            return self.variant(tag, name, schedule, references, kwargs, **extra)
-
-        tables: dict[str, Callable[[], list[dict[str, Any]]]] = {
-            "kmax": lambda: [variant(f"Kmax = {k}", plan_schedule(calibration, budget, kmax=k), kmax=k)
-                             for k in settings.kmax_values],
-            "gamma": lambda: [variant(f"γ = {g:g}", plan_schedule(calibration, budget, gamma=g), gamma=g)
-                              for g in settings.gamma_values],
-            "cost": lambda: [variant(f"{cost} cost", plan_schedule(calibration, budget, cost=cost), cost=cost)
-                             for cost in settings.cost_values],
-            "lambdas": lambda: [variant("λ ∈ {" + ", ".join(f"{v:g}" for v in values) + "}",
-                                        plan_schedule(calibration, budget, lambdas=values),
-                                        lambdas_allowed=list(values))
-                                for values in settings.lambda_sets],
-            "estimator": lambda: [variant("planned schedule (default)", plan_schedule(calibration, budget))] + [
-                variant(f"uniform steps, K = 1, λ = {damping:g}",
-                        uniform_jvp_schedule(settings.model, settings.steps, budget, damping))
-                for damping in settings.uniform_jvp_lambdas],
-            "transfer_prompts": lambda: [
-                variant(f"planned on {name}", plan_schedule(self.calibrations[f"{tag}/{name}"], budget),
-                        calibration=name, calibration_prompts=self.calibrations[f"{tag}/{name}"].prompts,
-                        calibration_seeds=self.calibrations[f"{tag}/{name}"].seeds)
-                for name in ("A", "B", "evaluation (oracle)")],
-        }
-        return {"budget": budget, **{name: tables[name]() for name in settings.ablation_tables}}
+    def ablations(self, tag: str, calibrations: dict[str, Calibration], references: References,
+                  kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Every ablation table of `ablation_variants`, evaluated on the evaluation pairs."""
+        return {"budget": self.settings.ablation_budget,
+                **{name: [self.variant(tag, v.name, v.schedule(calibrations), references, kwargs, **v.extra)
+                          for v in variants] for name, variants in ablation_variants(self.settings).items()}}
 
     def resolution_transfer(self, tag: str, calibration: Calibration, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Planned at the model's resolution vs at the target one, both evaluated at the target."""
@@ -745,7 +736,7 @@ class Bench:
         budget = settings.ablation_budget
         high = {**kwargs, "height": height, "width": width}
         calibration_high = self.calibrate(settings.resolution_calibration, high)
-        references, _ = self.references(settings.resolution_pairs, high, fine=False)
+        references = self.references(settings.resolution_pairs, high, fine=False)
         base = f"{kwargs.get('height')}x{kwargs.get('width')}"
         size = f"{height}x{width}"
         rows = [
@@ -770,26 +761,18 @@ def environment() -> dict[str, Any]:
 
 
 def run_bench(
-    model: str = "demo",
     out_dir: Path | str = DEFAULT_OUT,
-    quick: bool = False,
-    budgets: tuple[int, ...] | None = None,
-    steps: int | None = None,
     *,
-    repeats: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    call_kwargs: dict[str, Any] | None = None,
-    prompt_set: str | None = None,
-    configs: tuple[str, ...] | None = None,
     report_path: Path | str | None = None,
     command: str | None = None,
     device: str = "cpu",
     pipe: Any = None,
     advance: Callable[[], None] | None = None,
     stage: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Run the whole benchmark and write its outputs under `out_dir`; returns the raw results.
+    """Run the whole benchmark of `bench_settings(**options)` (model, quick, budgets, steps, repeats, size, call
+    arguments, prompt set, configurations) and write its outputs under `out_dir`; returns the raw results.
 
     Writes `results.json`, `pareto.png`, `grid_<configuration>_B<ablation budget>.png` to `out_dir` and the markdown
     report to `report_path` (default: docs/benchmarks.md for out_dir docs/bench, else
@@ -804,13 +787,12 @@ def run_bench(
     stage = stage or (lambda name: None)
     out_dir = Path(out_dir)
     report_path = Path(report_path) if report_path is not None else default_report_path(out_dir)
-    settings, spec = bench_settings(model, quick, budgets, steps, repeats, height, width, call_kwargs, prompt_set,
-                                    configs)
+    settings, spec = bench_settings(**options)
     for directory in (out_dir, report_path.parent):
         directory.mkdir(parents=True, exist_ok=True)
         if not os.access(directory, os.W_OK):
             raise UsageError(f"--out {directory} is not writable; choose another directory")
-    command = command or default_command(model, quick, out_dir)
+    command = command or default_command(options.get("model", "demo"), settings.quick, out_dir)
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()
     started = time.perf_counter()
