@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import defaults
 from ..files import Schedule
 from ..hooks import apply_meancache, remove_meancache
 
@@ -39,9 +40,9 @@ METHODS: dict[str, MethodInfo] = {
         "its estimate (reuse, the damped JVP across the fresh velocity, or the exponential integrator)"),
     "meancache_default": MethodInfo(
         "MeanCache, default recipe, not validated", "ablation",
-        "`plan(calibration, B)` without a pipeline: the default recipe (velocity cost, γ = 4, damping λ ∈ {½, 1} "
-        "or reuse chosen per edge) from the same calibration, no validation; the effect of validation is the "
-        "difference to the MeanCache row"),
+        f"`plan(calibration, B)` without a pipeline: the default recipe ({defaults.RECIPE.name}, Kmax = "
+        f"{defaults.KMAX}; reuse or a damping chosen per edge) from the same calibration, no validation; the effect "
+        "of validation is the difference to the MeanCache row"),
     "euler": MethodInfo("Euler (B steps)", "solver", "the pipeline's own Euler scheduler with num_inference_steps = B"),
     "unipc": MethodInfo(
         "UniPC (B steps)", "solver",

@@ -12,17 +12,20 @@ import math
 import os
 import textwrap
 from collections import defaultdict
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import defaults
 from ..files import write_atomic
 from .metrics import LOW_PSNR, PairWins, pair_distribution, wins_over_best
 from .peers import SOLVERS
 from .realsize_report import RESULTS_FILE as REALSIZE_FILE
 from .realsize_report import markdown_table as _table
 from .realsize_report import real_size_section
+from .runner import TIMING_ATTEMPTS, TIMING_SPREAD
 
 RESULTS_FILE = "results.json"
 PSNR_TIE = 0.05  # dB: closer than this is a tie, not a win
@@ -31,27 +34,11 @@ CURVE_TIE = 0.25  # dB: above an interpolated curve, which mixes in timing noise
 PARETO_FILE = "pareto.png"
 METRICS = {"latent_psnr": "latent PSNR", "psnr": "decoded PSNR"}
 
-WHY = {
-    "euler": "a B-step Euler grid evaluates the model at every point it steps from, so no velocity is ever stale",
-    "unipc": "a multistep solver spends each evaluation on a fresh state and combines it with the previous one "
-             "for second-order accuracy, which on a smooth velocity field needs no cache at all",
-    "dpmpp": "a multistep solver spends each evaluation on a fresh state and combines it with the previous one "
-             "for second-order accuracy, which on a smooth velocity field needs no cache at all",
-    "reuse": "its evenly spaced compute steps place the evaluations differently from the planned schedule",
-    "planner_k0": "plain reuse on its edges errs less there than the JVP-corrected edges MeanCache chose",
-    "minmax": "bounding the largest edge places the compute steps differently from minimizing Σc^(1+γ)",
-    "release": "the authors' compute steps and windows, planned for Qwen-Image, suit this model at this budget",
-    "authors": "re-estimating the velocity at every skipped step from the newest latents follows the curvature "
-               "inside an edge that one average velocity per edge smooths over",
-    "fbcache": "it runs the first block at every step and recomputes whenever that block's output moves, so its "
-               "evaluations land where this prompt needs them (at the price of that block at every step)",
-    "taylorseer": "it extrapolates the model output with a Taylor series in the step index, which tracks a "
-                  "smoothly changing output",
-    "magcache": "its skips follow the measured residual magnitudes of this model, decided per prompt",
-}
 # Whose per-pair distribution the report tabulates: MeanCache (validated and not) and the solvers it must beat.
 DISTRIBUTION_METHODS = ("meancache", "meancache_default", *SOLVERS)
 BELOW = f"below_{LOW_PSNR:g}_db"
+# How the bench measures, as the report says it: markdown with the run's figures as `str.format` fields.
+METHOD = (resources.files(__package__) / "method.md").read_text(encoding="utf-8")
 
 
 def grid_file(config: str, budget: int) -> str:
@@ -409,10 +396,10 @@ def where_peers_win(results: dict[str, Any], config: str) -> list[str]:
             f"{o['psnr']:.2f} dB at {p['speedup']:.2f}× vs {o['speedup']:.2f}×" for p, o in entries)
         fast = [p["budget"] for p, o in entries if p["speedup"] >= (1 - SPEED_TIE) * o["speedup"]]
         if len(fast) == len(entries):
-            speed = "It is at least as fast in wall time at each (within 3 % timing noise)."
+            speed = f"It is at least as fast in wall time at each (within {100 * SPEED_TIE:g} % timing noise)."
         elif fast:
-            speed = (f"At {_budgets(fast)} it is also at least as fast in wall time (within 3 % timing noise); "
-                     "elsewhere it trades speed for quality.")
+            speed = (f"At {_budgets(fast)} it is also at least as fast in wall time (within {100 * SPEED_TIE:g} % "
+                     "timing noise); elsewhere it trades speed for quality.")
         else:
             speed = "It is slower in wall time at each of them: it trades speed for quality."
         steps = ""
@@ -421,7 +408,7 @@ def where_peers_win(results: dict[str, Any], config: str) -> list[str]:
             steps = (f" Its compute steps at B = {p['budget']}: {' '.join(map(str, p['settings']['compute_steps']))}; "
                      f"MeanCache's: {' '.join(map(str, o['settings']['compute_steps']))}.")
         lines.append(f"- **{methods[key]['label']}** beats MeanCache at {_plural(len(entries), 'budget')} ({where})."
-                     f" {speed}{steps} Likely because {WHY.get(key, 'of its settings (see results.json)')}.")
+                     f" {speed}{steps}")
     margins = []
     for budget in sorted({r["budget"] for r in config_rows(results, config)}):
         rows = budget_rows(results, config, budget)
@@ -448,8 +435,7 @@ def schedule_diagnostics(results: dict[str, Any], config: str) -> list[str]:
     used = []
     for b in budgets:
         settings = rows[b]["meancache"]["settings"]
-        kinds = settings.get("kinds") or ["jvp" if k and d else "reuse"
-                                          for k, d in zip(settings["orders"], settings["lambdas"])]
+        kinds = settings["kinds"]
         dampings = [d for kind, d in zip(kinds, settings["lambdas"]) if kind == "jvp"]
         counts = [f"the JVP with λ = {d:g} on {dampings.count(d)}" for d in sorted(set(dampings))]
         if "exp" in kinds:
@@ -654,41 +640,9 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
         "",
         *summary_lines(results),
         "",
-        "## How it is measured",
-        "",
-        f"- **Decoded quality**: PSNR and SSIM of the decoded image against the uncached {steps}-step output with the "
-        f"same prompt, seed and configuration, mean over {n_eval} evaluation images (PSNR capped at 100 dB per image).",
-        "- **Latent PSNR**: the final latents (read with diffusers' `callback_on_step_end` after the last step, while "
-        f"the pipeline decodes as usual) against the uncached {steps}-step latents; the peak is the reference "
-        "latent's dynamic range (max − min), per image. No decoder blurs the difference.",
-        f"- **Accuracy**: the same latent PSNR against a fine reference, Euler with {results['fine_steps']} steps "
-        f"({results['fine_steps'] // steps} × N) on the same prompt, seed and configuration, for every method and "
-        f"for the uncached {steps}-step reference itself: the N-step reference has its own error, and the accuracy "
-        "column shows it.",
-        "- **Wins**: per evaluation pair, MeanCache against the best of Euler, UniPC and DPM-Solver++ with B steps on "
-        "that pair (a strictly higher PSNR wins); the margin is MeanCache's PSNR minus that per-pair best.",
-        f"- **Distributions**: per budget, the median, 10th percentile and minimum over the pairs, pairs won and pairs "
-        f"below {LOW_PSNR:g} dB, for MeanCache and each solver: a method that wins big on most pairs and lands far "
-        "off on a few is worse for users than its mean says.",
-        "- **Validated plan**: MeanCache's schedule at each budget is `planning.plan(calibration, B, pipe=…)` on "
-        "calibration set A: its first runs are held out of the error maps (as `meancache calibrate` holds them "
-        "out), every candidate recipe is planned, each distinct schedule runs cached on the held-out runs, the best "
-        "is kept. The row “MeanCache, default recipe, not validated” is the default recipe's plan from the same "
-        "maps: the difference is what validation buys.",
-        "- **NFE**: full model evaluations per image and guidance branch, counted for every method the same way: a "
-        "forward pre-hook on the first sub-module of the transformer's last block, which runs only when the whole "
-        "model runs (block-level caches call the block itself even when they skip it).",
-        f"- **Speed-up**: median of {results['repeats']} timed runs of the uncached pipeline divided by the median "
-        f"of {results['repeats']} timed runs of the method, whole pipeline call (text encoders and VAE included), "
-        "in the same process and configuration, round-robin, after every method has already run (warm-up).",
-        f"- Timing: when another process loads the CPU, one run can take many times its usual time; if any timed "
-        f"series spreads more than 1.5× (slowest / fastest), the round-robin is repeated (up to 3 times) and the "
-        f"steadiest attempt kept: {_retried(results)}.",
-        "- Every schedule-based method runs exactly B evaluations per branch; the dynamic caches have their "
-        "threshold or interval searched on one calibration prompt to land near B, so their NFE on the evaluation "
-        "set can differ.",
-        "",
-        "Calibration and evaluation prompts and seeds are disjoint; each configuration calibrates on its own runs:",
+        *METHOD.format(steps=steps, pairs=n_eval, fine_steps=results["fine_steps"],
+                       fine_factor=results["fine_steps"] // steps, low_psnr=LOW_PSNR, repeats=results["repeats"],
+                       spread=TIMING_SPREAD, attempts=TIMING_ATTEMPTS, retried=_retried(results)).splitlines(),
         "",
     ]
     for role, name in (("calibration_a", "Calibration set A (MeanCache's maps and held-out validation runs, planner "
@@ -719,8 +673,7 @@ def markdown(results: dict[str, Any], out_dir: Path, report_path: Path) -> str:
 def _variant_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     body = []
     for r in rows:
-        kinds = r.get("kinds") or ["jvp" if k and d else "reuse" for k, d in zip(r.get("orders", []),
-                                                                                   r.get("lambdas", []))]
+        kinds = r.get("kinds", [])
         edges = [f"{t}" + (f"ᴶ{d:g}" if kind == "jvp" else "ᴱ" if kind == "exp" else "") for t, kind, d in
                  zip(r.get("compute_steps", []), kinds, r.get("lambdas", []))]
         body.append([r["variant"], " ".join(edges) or "—", _nfe(r["nfe"]), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
@@ -751,7 +704,7 @@ def ablation_sections(results: dict[str, Any]) -> list[str]:
         if not ablations:
             continue
         lines += [f"## Ablations: {config['label']} (MeanCache, B = {ablations['budget']}, evaluation set)", "",
-                  "Default: `plan_schedule`'s defaults (velocity cost, γ = 4, Kmax = 1, λ ∈ {0.5, 1}), planned from "
+                  f"Default: the default recipe ({defaults.RECIPE.name}, Kmax = {defaults.KMAX}), planned from "
                   "calibration set A of this configuration, not validated (each row changes one setting of the "
                   "default recipe).", ""]
         for key, title, note in sections:
