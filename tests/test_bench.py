@@ -605,3 +605,14 @@ def test_full_evaluation_counter_counts_a_transformer_without_blocks() -> None:
                  true_cfg_scale=guidance, negative_prompt="" if guidance > 1 else None, **call)
         assert counter.evaluations - before == expected
     remove_evaluation_counter(pipe)
+
+
+def test_bench_command_refuses_a_budget_beyond_the_steps_before_anything_runs(tmp_path, capsys) -> None:
+    from cli_helpers import run_cli
+
+    out = tmp_path / "bench"
+    result = run_cli(["bench", "--quick", "--budgets", "60", "--out", str(out)], capsys)
+    assert result.code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: budget 60 is out of range: use budgets between 1 and --steps 50"]
+    assert not list(out.glob("*"))  # no report, no results, nothing half-written
