@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_planner import random_costs
 from tiny import TINY_CALL, tiny_flux_pipeline
@@ -81,8 +81,11 @@ def test_grids_the_scheduler_does_not_make_are_refused() -> None:
         fit_grid(karras)
     with pytest.raises(ValueError, match="a grid of 2 steps does not determine its shift"):
         fit_grid(np.array([1.0, 0.5, 0.0]))
-    with pytest.raises(ValueError, match="must fall from 1 to 0"):
-        fit_grid(np.array([0.9, 0.6, 0.3, 0.1, 0.0]))
+    # Not starting at 1, not ending at 0, flat, rising.
+    for bad in ([0.9, 0.6, 0.3, 0.1, 0.0], [1.0, 0.7, 0.4, 0.1], [1.0, 0.7, 0.7, 0.3, 0.0], [1.0, 0.5, 0.8, 0.3, 0.0]):
+        with pytest.raises(ValueError, match="must fall from 1 to 0"):
+            fit_grid(np.array(bad))
+    assert fit_grid(ShiftedGrid(3.0).sigmas(3)).shift == pytest.approx(3.0, rel=1e-6)  # 3 steps are enough
 
 
 def step_grids(draw: st.DrawFn) -> tuple[list[int], np.ndarray, np.ndarray]:
@@ -97,6 +100,7 @@ def step_grids(draw: st.DrawFn) -> tuple[list[int], np.ndarray, np.ndarray]:
 
 @settings(max_examples=200, deadline=None)
 @given(st.composite(step_grids)())
+@example(([0, 1, 2], ShiftedGrid(1.0, terminal=0.02).sigmas(3), ShiftedGrid(1.0, terminal=0.02).sigmas(4)))
 def test_mapped_steps_are_monotone_keep_the_budget_and_the_first_and_last_steps(case) -> None:
     steps, planned, new = case
     mapped = map_steps(steps, planned, new)
@@ -106,9 +110,12 @@ def test_mapped_steps_are_monotone_keep_the_budget_and_the_first_and_last_steps(
     if len(steps) > 1 and steps[-1] == len(planned) - 2:
         assert mapped[-1] == n_new - 1
     assert map_steps(steps, planned, planned) == steps
-    # Where the nearest steps by σ are already distinct and ascending, they are the answer.
-    nearest = np.floor(grid_positions(planned[steps], new) + 0.5).astype(int).tolist()
-    if nearest[0] == 0 and all(b > a for a, b in zip(nearest, nearest[1:])) and nearest[-1] < n_new:
+    # Where the nearest steps by σ are already distinct and ascending, they are the answer; a step halfway between
+    # two (0.51 between 0.673 and 0.347, say) is nearest to both, so ties say nothing.
+    positions = grid_positions(planned[steps], new)
+    nearest = np.floor(positions + 0.5).astype(int).tolist()
+    tie = np.any(np.abs(positions[1:-1] % 1.0 - 0.5) < 1e-9)
+    if not tie and nearest[0] == 0 and all(b > a for a, b in zip(nearest, nearest[1:])) and nearest[-1] < n_new:
         assert mapped[1:-1] == nearest[1:-1]
 
 
@@ -245,6 +252,38 @@ def test_a_schedule_moves_by_sigma_and_keeps_its_edges() -> None:
     with pytest.raises(ScheduleMismatchError, match="the schedule makes 6 evaluations per branch but this run has "
                                                     "only 5 steps: use 6 steps or more"):
         schedule_on_sigmas(planned, grid.sigmas(5))
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_undefined_corners_are_left_out_and_the_weights_renormalized(history: bool) -> None:
+    """Old steps 0…4, new steps at old positions 0, 1.5, 1.8, 4. The new edge 0→1 reads (0, 1) and (0, 2) half
+    each; with (0, 2) undefined it is (0, 1) alone. The new edge 1→2 reads (1, 1) and (2, 2) (zero-length: error 0),
+    (1, 2), and (2, 1), which runs backwards and is left out even where the array holds a number there."""
+    reuse = np.arange(25, dtype=np.float64).reshape(5, 5) + 1.0  # finite below the diagonal too
+    reuse[0, 2] = np.nan
+    positions = np.array([0.0, 1.5, 1.8, 4.0])
+    if not history:
+        read = resample_map(reuse, positions)
+        assert read[0, 1] == reuse[0, 1]
+        assert read[1, 2] == pytest.approx(0.4 * reuse[1, 2] / 0.9)
+        return
+    # [back, t, s] with p = t − back − 1: back 0 reads p = t − 1, whose corners at t = 2 sit at back 1.
+    values = np.stack([reuse, reuse + 100.0])
+    read = resample_map(values, positions)
+    assert read[0, 1, 2] == pytest.approx(0.4 * values[0, 1, 2] / 0.9)
+    assert np.isnan(read[0, 0, 1]) and np.isnan(read[1, 1, 2])  # p < 0: no such edge
+
+
+def test_regrid_reads_linearly_unless_told_and_windows_and_ties_round_as_documented() -> None:
+    from meancache_cli.core.regrid import _running_argmin, scale_windows
+
+    old, new = ShiftedGrid(2.0).sigmas(8), ShiftedGrid(2.0).sigmas(5)
+    maps = EdgeErrors(np.triu(np.random.default_rng(0).random((9, 9)), 1) + np.tril(np.full((9, 9), np.nan)),
+                      np.full((1, 1, 9, 9), np.nan), (1.0,))
+    np.testing.assert_array_equal(regrid_maps(maps, old, new).reuse, regrid_maps(maps, old, new, "linear").reuse)
+    assert scale_windows([1, 3], [0, 10], 50, 20) == [1, 1]  # 0.4 rounds to 0: a window is at least 1 step
+    np.testing.assert_array_equal(_running_argmin(np.array([3.0, 1.0, 1.0, 0.0])), [0, 1, 1, 3])  # the first
+    assert map_steps([0], np.array([1.0, 0.0]), ShiftedGrid(2.0).sigmas(4)) == [0]  # one compute step stays at 0
 
 
 def test_release_windows_scale_with_the_step_count() -> None:
