@@ -35,10 +35,10 @@ def schedule(steps: list[int], orders: list[int], lambdas: list[float] | None = 
 
 CACHED = schedule([0, 1, 2, 6, 7, 8], [0, 1, 2, 1, 1, 2], [0.0, 1.0, 0.5, 1.0, 0.5, 1.0])
 B = len(CACHED.compute_steps)
-# Exponential edges beside JVP and reuse ones, one reading its second previous compute step; the last edge
-# ends at σ = 0, where the exponential edge is first order.
-MIXED = Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 2, 3, 7, 9], orders=[0, 1, 2, 1, 1],
-                 lambdas=[0.0, 1.0, 1.0, 0.5, 1.0], kinds=["reuse", "exp", "exp", "jvp", "exp"])
+# Exponential edges beside JVP and reuse ones: 3→7 reads step 2, 7→9 its second previous compute step (2 again);
+# 9→12 ends at σ = 0 and 2→3 would read σ_p = 1 (p = 0), where the exponential edge is first order (c = 0).
+MIXED = Schedule(model="tiny", num_inference_steps=N, compute_steps=[0, 2, 3, 7, 9], orders=[0, 1, 1, 2, 1],
+                 lambdas=[0.0, 1.0, 1.0, 1.0, 1.0], kinds=["reuse", "jvp", "exp", "exp", "exp"])
 
 
 def test_runs_exactly_budget_real_forwards(pipe) -> None:
@@ -65,6 +65,11 @@ def test_exponential_edges_run_budget_forwards_and_change_the_output(pipe) -> No
             remove_meancache(pipe)
     assert counter.calls == 2 * MIXED.budget
     assert not np.allclose(outputs[0], outputs[1], atol=1e-6)
+    # Second-order exponential edges (σ_p < 1, σ_s > 0), or they would all be plain reuse and the replay below
+    # would not check the formula.
+    steps = MIXED.compute_steps
+    assert [e.start for i, e in enumerate(MIXED.edges) if e.kind == "exp" and steps[i - e.order] > 0 and e.end < N] == [
+        3, 7]
 
 
 def test_true_cfg_runs_budget_forwards_per_branch(pipe) -> None:
