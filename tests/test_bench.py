@@ -3,7 +3,6 @@ counted on a real tiny pipeline, and one quick run."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -11,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers.hooks import HookRegistry
 
 from meancache_cli.bench.authors import release_schedule
 from meancache_cli.bench.metrics import wins_over_best
@@ -20,10 +18,7 @@ from meancache_cli.bench.peers import METHODS, SCHEDULE_METHODS, SOLVERS, parse_
 from meancache_cli.bench.runner import bench_settings
 from meancache_cli.bench.search import bisect_threshold
 from meancache_cli.core.estimator import release_velocity
-from meancache_cli.files import Schedule
-from meancache_cli.hooks import MEANCACHE_HOOK, MeanCacheConfig, ReleaseEstimatorHook
 from meancache_cli.metrics import PSNR_CAP, latent_psnr
-from meancache_cli.models.adapters import ModelAdapter
 from meancache_cli.models.demo import DEMO_DIR
 
 
@@ -77,75 +72,6 @@ def test_release_velocity_formula() -> None:
     x_prev = torch.tensor([0.7])
     x_now = x_prev + (0.6 - 0.7) * v_prev
     assert torch.allclose(release_velocity(v_prev, x_prev, v_prev, x_now, 0.7, 0.6, 0.5), v_prev)
-
-
-class _Toy(torch.nn.Module):
-    """A 'transformer' with a nonlinear velocity field; FLUX-like signature and tuple output."""
-
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False) -> tuple:
-        sigma = timestep.reshape(-1, *([1] * (hidden_states.dim() - 1)))
-        return (torch.sin(3 * hidden_states) * (1 + sigma) - hidden_states**2,)
-
-
-def _release_loop(velocity, x: torch.Tensor, sigmas: list[float], compute: list[int], windows: list[int]):
-    """The release's denoising loop as we read it, with its log lists (independent of the hook)."""
-    n = len(sigmas) - 1
-    edge_window = [0] * n
-    for start, end, window in zip(compute, [*compute[1:], n], windows):
-        edge_window[start:end] = [window] * (end - start)
-    log = {"latents_pre": [], "sigmas_pre": [], "sigmas": [], "v": [], "latents": []}
-    for i in range(n):
-        if i in compute:
-            v = velocity(x, sigmas[i])
-        else:
-            length = len(log["v"])
-            i0, i1 = length - min(edge_window[i - 1], length), length - 1
-            denom = log["sigmas"][i1] - log["sigmas_pre"][i0]
-            avg_u = (log["latents"][i1] - log["latents_pre"][i0]) / denom
-            jvp = (log["v"][i0] - avg_u) / denom
-            v = log["v"][-1] - jvp * (sigmas[i + 1] - sigmas[i])
-        log["latents_pre"].append(x)
-        log["sigmas_pre"].append(sigmas[i])
-        log["sigmas"].append(sigmas[i + 1])
-        log["v"].append(v)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
-        log["latents"].append(x)
-    return x
-
-
-def test_release_hook_matches_the_release_loop_step_by_step() -> None:
-    from types import SimpleNamespace
-
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from meancache_cli.hooks import SigmaSource
-
-    n = 20
-    scheduler = FlowMatchEulerDiscreteScheduler()
-    rig = SimpleNamespace(scheduler=scheduler)
-    schedule = Schedule(model="toy", num_inference_steps=n, compute_steps=[0, 1, 2, 6, 11, 15],
-                        orders=[0, 0, 2, 1, 3, 1], estimator="release")
-    module = _Toy()
-    hook = ReleaseEstimatorHook(MeanCacheConfig(schedule, ModelAdapter()), SigmaSource(rig))
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, MEANCACHE_HOOK)
-    x0 = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
-    calls = {"model": 0}
-
-    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        calls["model"] += 1
-        return _Toy.forward(module, x, torch.tensor(sigma).expand(len(x)))[0]
-
-    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, n + 1)[:-1].tolist())
-    sigmas = scheduler.sigmas
-    expected = _release_loop(velocity, x0.clone(), sigmas.tolist(), schedule.compute_steps, schedule.orders)
-    for _ in range(2):  # a second generation starts the schedule again from step 0
-        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, n + 1)[:-1].tolist())
-        x = x0.clone()
-        for i, t in enumerate(scheduler.timesteps):
-            out = module(hidden_states=x, timestep=scheduler.sigmas[i].expand(2))[0]
-            x = scheduler.step(out, t, x).prev_sample
-        assert torch.allclose(x, expected, atol=1e-5)
-    assert calls["model"] == schedule.budget
 
 
 @pytest.fixture(scope="module")
@@ -502,30 +428,6 @@ def test_stage_log_prints_one_plain_line_per_stage_with_calls_done() -> None:
     assert lines[1].endswith("3/10 calls: cfg: B = 10: timing")
 
 
-def test_full_evaluation_counter_counts_real_evaluations_only() -> None:
-    from tiny import TINY_CALL, tiny_flux_pipeline
-
-    from meancache_cli.bench.peers import fbcache_method, meancache_method
-    from meancache_cli.hooks import apply_evaluation_counter, remove_evaluation_counter
-    from meancache_cli.planning import uniform_schedule
-
-    pipe = tiny_flux_pipeline()
-    counter = apply_evaluation_counter(pipe, beneath_block_caches=True)
-    block_calls = []
-    pipe.transformer.single_transformer_blocks[-1].register_forward_pre_hook(lambda *_: block_calls.append(1))
-    for method, expected in ((meancache_method("reuse", uniform_schedule("tiny", 12, 4)), 4),
-                             (fbcache_method(4, 12, 0.3), None)):
-        before, block_calls[:] = counter.evaluations, []
-        with method.applied(pipe):
-            pipe("a red circle", num_inference_steps=12, generator=torch.Generator().manual_seed(0),
-                 output_type="latent", **TINY_CALL)
-        if expected is not None:
-            assert counter.evaluations - before == expected
-        else:  # FirstBlockCache calls the last block at every step, but runs it only when it recomputes
-            assert len(block_calls) == 12 and 1 <= counter.evaluations - before < 12
-    remove_evaluation_counter(pipe)
-
-
 def test_bench_profile_comes_from_the_model_config() -> None:
     from dataclasses import replace
 
@@ -585,26 +487,6 @@ def test_hard_model_is_benched_like_the_demo_without_the_block_caches() -> None:
     assert hard.transfer_resolution is None and demo.transfer_resolution == (64, 64)
     assert hard.ablation_tables == ABLATIONS
     assert bench_units(model="hard") < bench_units(model="demo")
-
-
-def test_full_evaluation_counter_counts_a_transformer_without_blocks() -> None:
-    """The hard model's transformer has no blocks to probe: the counter sits beneath MeanCache's hook there."""
-    from meancache_cli.bench.peers import meancache_method
-    from meancache_cli.hooks import apply_evaluation_counter, remove_evaluation_counter
-    from meancache_cli.models.hard import load_hard_pipeline
-    from meancache_cli.planning import uniform_schedule
-
-    pipe = load_hard_pipeline()
-    counter = apply_evaluation_counter(pipe, beneath_block_caches=True)
-    call = {"num_inference_steps": 12, "height": 32, "width": 32, "max_sequence_length": 16, "output_type": "latent"}
-    reuse = meancache_method("reuse", uniform_schedule("hard", 12, 4))
-    for method, guidance, expected in ((None, 1.0, 12), (reuse, 1.0, 4), (reuse, 4.0, 8)):
-        before = counter.evaluations
-        with method.applied(pipe) if method is not None else contextlib.nullcontext():
-            pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0),
-                 true_cfg_scale=guidance, negative_prompt="" if guidance > 1 else None, **call)
-        assert counter.evaluations - before == expected
-    remove_evaluation_counter(pipe)
 
 
 def test_bench_command_refuses_a_budget_beyond_the_steps_before_anything_runs(tmp_path, capsys) -> None:

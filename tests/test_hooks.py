@@ -1,3 +1,4 @@
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -157,9 +158,12 @@ def test_schedule_for_other_step_count_is_mapped_by_sigma_or_refused_when_strict
         with pytest.warns(ScheduleMappedWarning, match="planned for 12 steps runs on this generation's 8-step sigmas, "
                           r"mapped by σ: compute steps 0 1 2 4 5 6 \(6 evaluations per branch\)"):
             run(pipe, num_inference_steps=8)
+        with warnings.catch_warnings():  # the same grid again: mapped once, said once
+            warnings.simplefilter("error", ScheduleMappedWarning)
+            run(pipe, num_inference_steps=8)
     finally:
         remove_meancache(pipe)
-    assert counter.calls == B
+    assert counter.calls == 2 * B
     apply_meancache(pipe, CACHED, strict=True)
     try:
         with pytest.raises(ScheduleMismatchError, match="planned for num_inference_steps=12 but the pipeline runs 8"):
@@ -276,3 +280,192 @@ def test_a_config_object_applies_like_the_schedule_itself(pipe, tmp_path) -> Non
             remove_meancache(pipe)
         assert hook.schedule == CACHED and hook.config.adapter == ModelAdapter()
     assert all(np.array_equal(results[0], other) for other in results[1:])
+
+
+def test_full_evaluation_counter_counts_real_evaluations_only() -> None:
+    from tiny import TINY_CALL, tiny_flux_pipeline
+
+    from meancache_cli.bench.peers import fbcache_method, meancache_method
+    from meancache_cli.hooks import apply_evaluation_counter, remove_evaluation_counter
+    from meancache_cli.planning import uniform_schedule
+
+    pipe = tiny_flux_pipeline()
+    counter = apply_evaluation_counter(pipe, beneath_block_caches=True)
+    block_calls = []
+    pipe.transformer.single_transformer_blocks[-1].register_forward_pre_hook(lambda *_: block_calls.append(1))
+    for method, expected in ((meancache_method("reuse", uniform_schedule("tiny", 12, 4)), 4),
+                             (fbcache_method(4, 12, 0.3), None)):
+        before, block_calls[:] = counter.evaluations, []
+        with method.applied(pipe):
+            pipe("a red circle", num_inference_steps=12, generator=torch.Generator().manual_seed(0),
+                 output_type="latent", **TINY_CALL)
+        if expected is not None:
+            assert counter.evaluations - before == expected
+        else:  # FirstBlockCache calls the last block at every step, but runs it only when it recomputes
+            assert len(block_calls) == 12 and 1 <= counter.evaluations - before < 12
+    remove_evaluation_counter(pipe)
+    before = counter.evaluations
+    pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="latent",
+         **TINY_CALL)
+    assert counter.evaluations == before and len(block_calls) == 12 + 3  # removed from the block it sat on
+
+
+def test_full_evaluation_counter_counts_a_transformer_without_blocks() -> None:
+    """The hard model's transformer has no blocks to probe: the counter sits beneath MeanCache's hook there."""
+    import contextlib
+
+    from meancache_cli.bench.peers import meancache_method
+    from meancache_cli.hooks import apply_evaluation_counter, remove_evaluation_counter
+    from meancache_cli.models.hard import load_hard_pipeline
+    from meancache_cli.planning import uniform_schedule
+
+    pipe = load_hard_pipeline()
+    counter = apply_evaluation_counter(pipe, beneath_block_caches=True)
+    call = {"num_inference_steps": 12, "height": 32, "width": 32, "max_sequence_length": 16, "output_type": "latent"}
+    reuse = meancache_method("reuse", uniform_schedule("hard", 12, 4))
+    for method, guidance, expected in ((None, 1.0, 12), (reuse, 1.0, 4), (reuse, 4.0, 8)):
+        before = counter.evaluations
+        with method.applied(pipe) if method is not None else contextlib.nullcontext():
+            pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0),
+                 true_cfg_scale=guidance, negative_prompt="" if guidance > 1 else None, **call)
+        assert counter.evaluations - before == expected
+    remove_evaluation_counter(pipe)
+
+
+def test_outputs_keep_their_structure_when_the_sample_is_replaced() -> None:
+    """Tuples and dataclasses, a batch tensor or a list of per-sample tensors (Z-Image): the hook reads the sample
+    as one batch and hands back the structure the pipeline expects, other fields untouched."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    from meancache_cli.hooks import output_sample, replace_output
+
+    batch, new = torch.arange(6.0).reshape(2, 3), -torch.arange(6.0).reshape(2, 3)
+    extra = torch.ones(1)
+    for output in ((batch, extra), (list(batch.unbind(0)), extra), Transformer2DModelOutput(sample=batch),
+                   Transformer2DModelOutput(sample=list(batch.unbind(0)))):
+        assert torch.equal(output_sample(output), batch)
+        replaced = replace_output(output, new)
+        assert type(replaced) is type(output) and torch.equal(output_sample(replaced), new)
+        sample = replaced[0] if isinstance(replaced, tuple) else replaced.sample
+        original = output[0] if isinstance(output, tuple) else output.sample
+        assert type(sample) is type(original)
+        if isinstance(output, tuple):
+            assert len(replaced) == 2 and replaced[1] is extra
+
+
+def test_applying_again_replaces_the_hook_and_removal_leaves_none(pipe) -> None:
+    from diffusers.hooks import HookRegistry
+
+    from meancache_cli.hooks import MEANCACHE_HOOK, RECORDER_HOOK
+    from meancache_cli.planning import uniform_schedule
+
+    counter = ForwardCounter(pipe.transformer.x_embedder)
+    apply_meancache(pipe, CACHED)
+    apply_meancache(pipe, uniform_schedule("tiny", N, 3))
+    try:
+        run(pipe)
+    finally:
+        remove_meancache(pipe)
+    assert counter.calls == 3  # the second schedule alone
+    apply_recorder(pipe)
+    remove_recorder(pipe)
+    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    assert registry.get_hook(MEANCACHE_HOOK) is None and registry.get_hook(RECORDER_HOOK) is None
+    run(pipe)
+    assert counter.calls == 3 + N
+
+
+class _Toy(torch.nn.Module):
+    """A 'transformer' with a nonlinear velocity field; FLUX-like signature and tuple output."""
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False) -> tuple:
+        sigma = timestep.reshape(-1, *([1] * (hidden_states.dim() - 1)))
+        return (torch.sin(3 * hidden_states) * (1 + sigma) - hidden_states**2,)
+
+
+def _release_loop(velocity, x: torch.Tensor, sigmas: list[float], compute: list[int], windows: list[int]):
+    """The release's denoising loop as we read it, with its log lists (independent of the hook)."""
+    n = len(sigmas) - 1
+    edge_window = [0] * n
+    for start, end, window in zip(compute, [*compute[1:], n], windows):
+        edge_window[start:end] = [window] * (end - start)
+    log = {"latents_pre": [], "sigmas_pre": [], "sigmas": [], "v": [], "latents": []}
+    for i in range(n):
+        if i in compute:
+            v = velocity(x, sigmas[i])
+        else:
+            length = len(log["v"])
+            i0, i1 = length - min(edge_window[i - 1], length), length - 1
+            denom = log["sigmas"][i1] - log["sigmas_pre"][i0]
+            avg_u = (log["latents"][i1] - log["latents_pre"][i0]) / denom
+            jvp = (log["v"][i0] - avg_u) / denom
+            v = log["v"][-1] - jvp * (sigmas[i + 1] - sigmas[i])
+        log["latents_pre"].append(x)
+        log["sigmas_pre"].append(sigmas[i])
+        log["sigmas"].append(sigmas[i + 1])
+        log["v"].append(v)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        log["latents"].append(x)
+    return x
+
+
+def test_release_hook_matches_the_release_loop_step_by_step() -> None:
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.hooks import HookRegistry
+
+    from meancache_cli.hooks import MEANCACHE_HOOK, ReleaseEstimatorHook, SigmaSource
+
+    n = 20
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    rig = SimpleNamespace(scheduler=scheduler)
+    schedule = Schedule(model="toy", num_inference_steps=n, compute_steps=[0, 1, 2, 6, 11, 15],
+                        orders=[0, 0, 2, 1, 3, 1], estimator="release")
+    module = _Toy()
+    hook = ReleaseEstimatorHook(MeanCacheConfig(schedule, ModelAdapter()), SigmaSource(rig))
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, MEANCACHE_HOOK)
+    x0 = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
+    calls = {"model": 0}
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        calls["model"] += 1
+        return _Toy.forward(module, x, torch.tensor(sigma).expand(len(x)))[0]
+
+    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, n + 1)[:-1].tolist())
+    sigmas = scheduler.sigmas
+    expected = _release_loop(velocity, x0.clone(), sigmas.tolist(), schedule.compute_steps, schedule.orders)
+    for _ in range(2):  # a second generation starts the schedule again from step 0
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, n + 1)[:-1].tolist())
+        x = x0.clone()
+        for i, t in enumerate(scheduler.timesteps):
+            out = module(hidden_states=x, timestep=scheduler.sigmas[i].expand(2))[0]
+            x = scheduler.step(out, t, x).prev_sample
+        assert torch.allclose(x, expected, atol=1e-5)
+    assert calls["model"] == schedule.budget
+
+
+def test_the_counter_goes_beneath_meancache_and_the_hook_keeps_only_its_look_back(pipe) -> None:
+    """Applied after MeanCache the counter would count skipped steps as evaluations: refused. And the hook keeps the
+    velocities (and, with exponential edges, latents) of at most `max(orders)` compute steps per branch."""
+    from meancache_cli.errors import MeanCacheError
+
+    hook = apply_meancache(pipe, MIXED)
+    try:
+        with pytest.raises(MeanCacheError, match="apply the evaluation counter before MeanCache"):
+            apply_evaluation_counter(pipe)
+        kept = []
+        original = hook.computed
+
+        def computed(history, step, latents, output):
+            result = original(history, step, latents, output)
+            kept.append((sorted(history.velocities), sorted(history.latents)))
+            return result
+
+        hook.computed = computed
+        run(pipe)
+    finally:
+        remove_meancache(pipe)
+    depth = max(MIXED.orders)
+    assert [velocities for velocities, _ in kept] == [[0], [0, 2], [2, 3], [3, 7], [7, 9]]
+    assert all(len(latents) <= depth and latents == velocities for velocities, latents in kept)
