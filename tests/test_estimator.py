@@ -137,6 +137,25 @@ def test_stability_maps_are_the_mean_over_trajectories_and_merge_exactly() -> No
             for x0, vs in runs]
     np.testing.assert_allclose(whole.errors().reuse, np.mean([r for r, _ in each], axis=0), rtol=1e-12, equal_nan=True)
     np.testing.assert_allclose(whole.errors().jvp, np.mean([j for _, j in each], axis=0), rtol=1e-12, equal_nan=True)
+    # The exponential map and the per-step statistics are means over the runs too, written out here by hand.
+    grid = torch.tensor(sigmas)
+    trajectories = [euler_trajectory(x0, vs, grid) for x0, vs in runs]
+    exp = np.mean([naive_exponential_map(xs, vs, grid, 2) for xs, (_, vs) in zip(trajectories, runs)], axis=0)
+    np.testing.assert_allclose(whole.errors().exp, exp, rtol=1e-9, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(left.errors().exp, exp, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+    def change(series: list[torch.Tensor]) -> list[float]:
+        return [float((b - a).abs().mean() / a.abs().mean()) for a, b in zip(series, series[1:])]
+
+    stats = whole.step_statistics()
+    ends = [[(xs[i] - xs[-1]) / (sigmas[i] - sigmas[-1]) for i in range(6)] for xs in trajectories]
+    np.testing.assert_allclose(stats["velocity_norm"], np.mean([[float(v.abs().mean()) for v in vs] for _, vs in runs],
+                                                               axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats["velocity_change"][1:], np.mean([change(list(vs)) for _, vs in runs], axis=0),
+                               rtol=1e-9)
+    np.testing.assert_allclose(stats["mean_velocity_change"][1:], np.mean([change(u) for u in ends], axis=0),
+                               rtol=1e-9)
+    assert np.isnan(stats["velocity_change"][0]) and np.isnan(stats["mean_velocity_change"][0])
 
 
 def test_one_trajectory_is_its_own_mean_and_keeps_the_dampings() -> None:
@@ -162,6 +181,14 @@ def test_sums_round_trip_and_a_subset_of_elements_is_fixed() -> None:
     np.testing.assert_array_equal(again.errors().jvp, maps.errors().jvp)
     assert again.count == 2 and again.latent_elements == 10
     assert torch.equal(element_subset(10, 3), element_subset(10, 3)) and element_subset(10, 10) is None
+    assert again.max_elements == 3
+    # The capped maps are the maps of those elements alone.
+    subset = element_subset(10, 3)
+    x0, vs = torch.randn(10), torch.randn(4, 10)
+    capped, alone = StabilityMaps(sigmas, 4, (1.0,), max_elements=3), StabilityMaps(sigmas, 4, (1.0,), None)
+    capped.add(x0, vs)
+    alone.add(x0[subset], vs[:, subset])
+    np.testing.assert_array_equal(capped.errors().jvp, alone.errors().jvp)
     assert maps.max_back == 4 and StabilityMaps(sigmas, 9).max_back == 4  # look-back capped at N
 
 
@@ -211,18 +238,25 @@ def test_exponential_error_map_matches_its_definition_and_the_planner_can_read_i
     assert math.isnan(maps.value(1, 5, 8, 1.0, "exp"))  # 4 steps back: beyond the look-back
     without = maps.select((1.0,), exponential=False)
     assert np.isnan(without.exp).all() and np.array_equal(without.jvp, maps.jvp, equal_nan=True)
+    assert np.array_equal(maps.select((1.0,)).exp, maps.exp, equal_nan=True)  # kept unless left out
+    assert maps.value(3, 5, 8, 0.0, "exp") == maps.value(3, 5, 8, 1.0, "exp")  # no damping on this edge kind
+    assert maps.value(3, 5, 8, 0.0) == maps.reuse[5, 8] and maps.value(3, 5, 8, 1.0) == maps.jvp[0, 1, 5, 8]
+    assert EdgeErrors(maps.reuse, maps.jvp, (1.0,)).exp.shape == (1, *maps.jvp.shape[1:])  # none: all NaN
 
 
 def test_edge_costs_displacement_scales_by_interval_and_zeroes_euler_steps() -> None:
-    sigmas = np.array([1.0, 0.6, 0.0])
-    reuse = np.array([[np.nan, 2.0, 3.0], [np.nan, np.nan, 4.0], [np.nan] * 3])
-    jvp = np.full((1, 1, 3, 3), np.nan)
-    jvp[0, 0, 1, 2] = 5.0
-    errors = EdgeErrors(reuse, jvp, (1.0,))
+    sigmas = np.array([1.0, 0.6, 0.2, 0.0])
+    reuse = np.full((4, 4), np.nan)
+    reuse[0, 1], reuse[0, 2], reuse[1, 2], reuse[1, 3] = 2.0, 3.0, 4.0, 6.0
+    jvp, exp = np.full((1, 1, 4, 4), np.nan), np.full((1, 1, 4, 4), np.nan)
+    jvp[0, 0, 1, 3], exp[0, 0, 1, 3] = 5.0, 7.0
+    errors = EdgeErrors(reuse, jvp, (1.0,), exp)
     disp = edge_costs(errors, sigmas, "displacement")
-    assert disp.reuse[0, 2] == pytest.approx(3.0) and disp.jvp[0, 0, 1, 2] == pytest.approx(3.0)
+    assert disp.reuse[0, 2] == pytest.approx(3.0 * 0.8) and disp.reuse[1, 3] == pytest.approx(6.0 * 0.6)
+    assert disp.jvp[0, 0, 1, 3] == pytest.approx(5.0 * 0.6) and disp.exp[0, 0, 1, 3] == pytest.approx(7.0 * 0.6)
     assert disp.reuse[0, 1] == 0 and disp.reuse[1, 2] == 0
     vel = edge_costs(errors, sigmas, "velocity")
-    assert vel.reuse[0, 2] == 3.0 and vel.jvp[0, 0, 1, 2] == 5.0 and errors.reuse[0, 1] == 2.0
+    assert vel.reuse[0, 2] == 3.0 and vel.jvp[0, 0, 1, 3] == 5.0 and vel.exp[0, 0, 1, 3] == 7.0
+    assert errors.reuse[0, 1] == 2.0  # the maps themselves untouched
     with pytest.raises(ValueError, match="unknown cost kind 'nope'"):
         edge_costs(errors, sigmas, "nope")
