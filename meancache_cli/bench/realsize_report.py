@@ -112,9 +112,14 @@ def _speedups(summary: dict[str, Any]) -> list[str]:
     return [f"{b['speedup']:.2f}× of {b['limit']:.2f}×" for b in summary["budgets"]]
 
 
-# How the section measures, and what the cache holds: markdown beside this module.
-HOW = [*(resources.files(__package__) / "realsize_how.md").read_text(encoding="utf-8").splitlines(), ""]
-BOUND = [*(resources.files(__package__) / "realsize_bound.md").read_text(encoding="utf-8").splitlines(), ""]
+def bench_text(name: str) -> str:
+    """A markdown text shipped beside the bench's modules (the reports' fixed methodology)."""
+    return (resources.files(__package__) / name).read_text(encoding="utf-8")
+
+
+# How the section measures, and what the cache holds.
+HOW = [*bench_text("realsize_how.md").splitlines(), ""]
+BOUND = [*bench_text("realsize_bound.md").splitlines(), ""]
 
 
 def pending_rows() -> list[list[str]]:

@@ -12,7 +12,6 @@ import math
 import os
 import textwrap
 from collections import defaultdict
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ from ..files import write_atomic
 from .metrics import LOW_PSNR, PairWins, pair_distribution, wins_over_best
 from .peers import SOLVERS
 from .realsize_report import RESULTS_FILE as REALSIZE_FILE
+from .realsize_report import bench_text, real_size_section
 from .realsize_report import markdown_table as _table
-from .realsize_report import real_size_section
 from .runner import TIMING_ATTEMPTS, TIMING_SPREAD
 
 RESULTS_FILE = "results.json"
@@ -38,7 +37,7 @@ METRICS = {"latent_psnr": "latent PSNR", "psnr": "decoded PSNR"}
 DISTRIBUTION_METHODS = ("meancache", "meancache_default", *SOLVERS)
 BELOW = f"below_{LOW_PSNR:g}_db"
 # How the bench measures, as the report says it: markdown with the run's figures as `str.format` fields.
-METHOD = (resources.files(__package__) / "method.md").read_text(encoding="utf-8")
+METHOD = bench_text("method.md")
 
 
 def grid_file(config: str, budget: int) -> str:

@@ -336,8 +336,10 @@ def ablation_variants(settings: BenchSettings) -> dict[str, list[Variant]]:
     """The rows of every ablation table the settings ask for, at the ablation budget."""
     budget = settings.ablation_budget
 
-    def planned(name: str, calibration: str = "A", **options: Any) -> Variant:
-        return Variant(name, lambda sets: plan_schedule(sets[calibration], budget, **options), dict(options))
+    def planned(name: str, calibration: str = "A", extra: dict[str, Any] | None = None, **options: Any) -> Variant:
+        """Planned from `calibration` with `options` changed; `extra` records them (default: the options)."""
+        return Variant(name, lambda sets: plan_schedule(sets[calibration], budget, **options),
+                       dict(options) if extra is None else extra)
 
     def uniform(damping: float) -> Variant:
         return Variant(f"uniform steps, K = 1, λ = {damping:g}",
@@ -347,10 +349,10 @@ def ablation_variants(settings: BenchSettings) -> dict[str, list[Variant]]:
         "kmax": [planned(f"Kmax = {k}", kmax=k) for k in settings.kmax_values],
         "gamma": [planned(f"γ = {g:g}", gamma=g) for g in settings.gamma_values],
         "cost": [planned(f"{cost} cost", cost=cost) for cost in settings.cost_values],
-        "lambdas": [replace(planned("λ ∈ {" + ", ".join(f"{v:g}" for v in values) + "}", lambdas=values),
+        "lambdas": [planned("λ ∈ {" + ", ".join(f"{v:g}" for v in values) + "}", lambdas=values,
                             extra={"lambdas_allowed": list(values)}) for values in settings.lambda_sets],
         "estimator": [planned("planned schedule (default)"), *map(uniform, settings.uniform_jvp_lambdas)],
-        "transfer_prompts": [replace(planned(f"planned on {name}", name), extra={"calibration": name})
+        "transfer_prompts": [planned(f"planned on {name}", name, extra={"calibration": name})
                              for name in CALIBRATION_SETS],
     }
     return {name: tables[name] for name in settings.ablation_tables}
